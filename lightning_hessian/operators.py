@@ -1,0 +1,308 @@
+r"""Matrix-free Hessian of a probe loss, with one all-reduce per product under ``torch.distributed``.
+
+The probe loss is the per-sample mean over all probe samples of all ranks,
+
+.. math::
+
+    L(\theta) = \frac{1}{N} \sum_{r} \sum_{b \in B_r} n_b \, \ell_b(\theta), \qquad N = \sum_r \sum_{b \in B_r} n_b,
+
+where :math:`\ell_b` is the mean loss of batch :math:`b` (what ``loss_fn(model, batch)`` returns), :math:`n_b` its
+sample count and :math:`B_r` the batches held by rank :math:`r`. A Hessian-vector product is
+
+.. math::
+
+    H v = \frac{1}{N} \sum_r \sum_{b \in B_r} n_b \, \nabla_\theta \big( \nabla_\theta \ell_b(\theta)^\top v \big),
+
+computed per batch by double back-propagation (Pearlmutter 1994), summed locally and all-reduced once, so that every
+rank holds the Hessian of the union of all ranks' samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+__all__ = ["HessianOperator", "LossFn", "batch_size", "cast_batch", "distributed_sum", "world_info"]
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch: the length of its first tensor.
+
+    Args:
+        batch: A tensor, or a (nested) tuple/list/dict whose first tensor (in iteration order) holds one row per sample.
+
+    Returns:
+        The length of the first tensor found.
+
+    Raises:
+        ValueError: If the batch holds no tensor with at least one dimension.
+    """
+    first = _first_tensor(batch)
+    if first is None or first.dim() == 0:
+        raise ValueError(
+            f"cannot infer the sample count of a batch of type {type(batch).__name__}: it needs a tensor "
+            "with a leading batch dimension (a tensor, or a tuple/list/dict of tensors)"
+        )
+    return int(first.shape[0])
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def cast_batch(batch: Any, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Any:
+    """Move a (nested) batch to ``device`` and cast its floating-point tensors to ``dtype``.
+
+    Integer tensors (class labels, indices) keep their dtype. Containers keep their type (namedtuples included).
+
+    Args:
+        batch: A tensor or nested tuple/list/dict of tensors and other objects.
+        dtype: Floating-point dtype for the floating tensors; ``None`` keeps them.
+        device: Target device; ``None`` keeps the tensors where they are.
+
+    Returns:
+        The converted batch.
+    """
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point() and dtype is not None:
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device=device) if device is not None else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({key: cast_batch(value, dtype, device) for key, value in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(cast_batch(value, dtype, device) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(cast_batch(value, dtype, device) for value in batch)
+    return batch
+
+
+def world_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def distributed_sum(tensor: Tensor) -> Tensor:
+    """All-reduce (sum) ``tensor`` in place over the default process group; identity without one.
+
+    Gloo has no float64 support problems, but NCCL cannot reduce CPU tensors: the tensor must live on the backend's
+    device, which is where the model lives in practice.
+
+    Args:
+        tensor: The local contribution.
+
+    Returns:
+        The same tensor, now holding the sum over ranks.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class _LossModule(nn.Module):
+    """Wraps ``loss_fn(model, batch)`` so that ``functional_call`` can substitute the model's tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore every submodule's own ``training`` flag afterwards."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+class HessianOperator:
+    r"""Hessian of the probe loss w.r.t. the parameters that require grad, as a linear operator on a flat vector.
+
+    The probe loss weights each batch by its sample count (see the module docstring). Under an initialised
+    ``torch.distributed`` process group each rank passes its own batches; the sample counts are all-reduced once at
+    construction and every :meth:`matvec` is all-reduced once, so every rank obtains the Hessian of the union of all
+    ranks' samples. Without a process group there is no collective.
+
+    Products run with the model in eval mode (restored afterwards). They never touch ``.grad`` nor BatchNorm running
+    statistics: the model's parameters and buffers are substituted functionally (``torch.func.functional_call``),
+    as detached copies cast to ``dtype``.
+
+    Args:
+        model: The network; ``loss_fn`` receives it (or rather a functional view of it).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the mean loss of one batch (a scalar).
+        batches: This rank's probe batches (already on the model's device).
+        dtype: Floating-point dtype of the products (``torch.float32`` or ``torch.float64``); ``None`` takes the
+            parameters' dtype. Floating tensors of the batches are cast to it.
+        params: Subset of the model's parameters to differentiate; default all that require grad.
+
+    Raises:
+        ValueError: If there are no batches, no trainable parameters, or an unsupported ``dtype``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 1).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> op = HessianOperator(model, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), [(x, y)])
+        >>> op.num_params
+        4
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Any],
+        *,
+        dtype: torch.dtype | None = None,
+        params: Sequence[nn.Parameter] | None = None,
+    ) -> None:
+        batches = list(batches)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if params is not None:
+            wanted = {id(p) for p in params}
+            named = [(name, p) for name, p in named if id(p) in wanted]
+        if not named:
+            raise ValueError("the model has no parameters that require grad: nothing to differentiate")
+        if dtype is None:
+            dtype = named[0][1].dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64 (or None), got {dtype}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.dtype = dtype
+        self.device = named[0][1].device
+        self.param_names = [name for name, _ in named]
+        self.param_shapes = [p.shape for _, p in named]
+        self.num_params = sum(p.numel() for _, p in named)
+        self.num_products = 0
+        self._wrapper = _LossModule(model, loss_fn)
+        self._batches = [cast_batch(b, dtype=dtype) for b in batches]
+        counts = torch.tensor([batch_size(b) for b in self._batches] or [0], dtype=torch.float64)
+        self._local_counts = counts
+        total = distributed_sum(counts.sum().reshape(1).to(self.device)).item()
+        if total <= 0:
+            raise ValueError("the probe set is empty on every rank: pass at least one batch with one sample")
+        self.num_samples = int(round(total))
+        self._params = named
+
+    def _tensors(self) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Detached copies of the parameters (requiring grad) and buffers in ``self.dtype``, keyed for the wrapper."""
+        params = {name: p.detach().to(self.dtype).requires_grad_(True) for name, p in self._params}
+        tensors: dict[str, Tensor] = {f"model.{name}": t for name, t in params.items()}
+        frozen = ((name, t) for name, t in self.model.named_parameters() if name not in params)
+        for name, t in (*frozen, *self.model.named_buffers()):
+            tensors[f"model.{name}"] = t.detach().to(self.dtype).clone() if t.is_floating_point() else t.clone()
+        return tensors, list(params.values())
+
+    def _batch_loss(self, tensors: dict[str, Tensor], batch: Any) -> Tensor:
+        loss = functional_call(self._wrapper, tensors, (batch,), strict=False)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}"
+            )
+        return loss.reshape(())
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with evaluation_mode(self.model), torch.inference_mode(False), torch.enable_grad():
+            yield
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors into one flat vector (the operator's coordinate order)."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Split a flat vector into per-parameter tensors shaped like the parameters."""
+        sizes = [int(torch.Size(s).numel()) for s in self.param_shapes]
+        return [chunk.view(shape) for chunk, shape in zip(vector.split(sizes), self.param_shapes)]
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """Hessian-vector product :math:`Hv` of the global probe loss (one all-reduce under DDP).
+
+        Args:
+            vector: Flat vector of length :attr:`num_params`.
+
+        Returns:
+            :math:`Hv`, flat, in :attr:`dtype` on the model's device.
+
+        Raises:
+            ValueError: If ``vector`` has the wrong length.
+        """
+        if vector.numel() != self.num_params:
+            raise ValueError(f"vector has {vector.numel()} entries, the operator acts on {self.num_params}")
+        vector = vector.to(device=self.device, dtype=self.dtype).reshape(-1)
+        pieces = self.unflatten(vector)
+        out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        with self._context():
+            tensors, leaves = self._tensors()
+            for batch, count in zip(self._batches, self._local_counts.tolist()):
+                if count == 0:
+                    continue
+                loss = self._batch_loss(tensors, batch)
+                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+                dot = sum(
+                    ((g * v).sum() for g, v in zip(grads, pieces) if g is not None and g.requires_grad),
+                    torch.zeros((), dtype=self.dtype, device=self.device),
+                )
+                if dot.requires_grad:
+                    hv = torch.autograd.grad(dot, leaves, allow_unused=True)
+                    out += count * self.flatten([torch.zeros_like(p) if h is None else h for h, p in zip(hv, leaves)])
+        self.num_products += 1
+        return distributed_sum(out).div_(self.num_samples)
+
+    __matmul__ = matvec
+
+    def gradient(self) -> Tensor:
+        """Gradient of the global probe loss (flat, all-reduced); does not count as a product."""
+        out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        with self._context():
+            tensors, leaves = self._tensors()
+            for batch, count in zip(self._batches, self._local_counts.tolist()):
+                if count == 0:
+                    continue
+                grads = torch.autograd.grad(self._batch_loss(tensors, batch), leaves, allow_unused=True)
+                out += count * self.flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)])
+        return distributed_sum(out).div_(self.num_samples)
+
+    def loss(self) -> float:
+        r"""Global probe loss :math:`L(\theta)` (all-reduced; non-finite values are returned as they are)."""
+        total = torch.zeros(1, dtype=self.dtype, device=self.device)
+        with self._context(), torch.no_grad():
+            tensors, _ = self._tensors()
+            for batch, count in zip(self._batches, self._local_counts.tolist()):
+                if count:
+                    total += count * self._batch_loss(tensors, batch).detach()
+        return float(distributed_sum(total).item() / self.num_samples)
+
+    def dense(self) -> Tensor:
+        """Dense Hessian built column by column from :math:`n` products (for tests and tiny models only)."""
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        return torch.stack([self.matvec(e) for e in eye], dim=1)
