@@ -186,8 +186,11 @@ def lanczos(
     are reliable. When the basis is full, the ``k`` wanted Ritz vectors and half of the rest are kept and the
     iteration continues from the residual direction (thick restart, Wu & Simon 2000). A Ritz pair is converged when
     :math:`|\beta_m e_m^\top s_i| \le \mathrm{tol} \cdot \max_j |\theta_j|`; the eigenvalue error is then at most
-    the residual, and about residual² / gap. Exact (breakdown-free) invariant subspaces are handled by continuing with
-    a fresh seeded direction, so repeated eigenvalues are found too.
+    the residual, and about residual² / gap. An exact invariant subspace (breakdown) is left through a fresh seeded
+    direction. A single Krylov space sees one vector per eigenspace, so copies of a repeated eigenvalue would be
+    missed; after convergence a few steps of Lanczos on the deflated operator :math:`PAP`,
+    :math:`P = I - X X^\top` (:math:`X` the Ritz vectors), check for an eigenvalue above :math:`\theta_k` and, if
+    one exists, a run on :math:`PAP` recovers the missed copies (locking, up to 8 rounds).
 
     Args:
         matvec: ``v -> A v`` for a symmetric ``A`` of size ``n``.
@@ -226,31 +229,75 @@ def lanczos(
     def signed(v: Tensor) -> Tensor:
         return matvec(v) if sign > 0 else -matvec(v)
 
-    krylov = _Krylov(signed, n, size, dtype, device, seed)
     if start is None:
         start = _random_vector(n, seed, dtype, device, "gaussian")
-    krylov.start(start.to(device=device, dtype=dtype).reshape(-1))
+    run = _restarted_run(signed, n, k, size, budget, tol, start.to(device=device, dtype=dtype).reshape(-1), seed)
+    values, vectors, residuals, spent, converged, complete = run
+    # A single Krylov space holds one vector per eigenspace: copies of a repeated eigenvalue (e.g. the I ⊗ A
+    # structure of multi-output regression) stay invisible. Verify by deflation and recover missed ones.
+    for round_ in range(1, 9):
+        if complete or not converged or spent >= budget:
+            break
+        scale = max(float(values.abs().max()), torch.finfo(torch.float64).tiny)
+
+        def deflated(v: Tensor, basis: Tensor = vectors) -> Tensor:
+            v = v - basis @ (basis.T @ v)
+            w = signed(v)
+            return w - basis @ (basis.T @ w)
+
+        probe = _random_vector(n, seed + 15485863 * round_, dtype, device, "gaussian")
+        check = _Krylov(deflated, n, min(n - k, max(8, size // 8)), dtype, device, seed, refill=False)
+        if check.size < 1:
+            break
+        check.start(probe - vectors @ (vectors.T @ probe))
+        check.extend(min(check.size, budget - spent))
+        spent += check.num_matvecs
+        largest = float(check.ritz()[0][0]) if check.filled else -math.inf
+        if largest <= float(values[-1]) + tol * scale:
+            break
+        extra = _restarted_run(deflated, n, k, size, budget - spent, tol, check.basis[0], seed + round_)
+        spent += extra[3]
+        order = torch.cat([values, extra[0]]).argsort(descending=True)[:k]
+        values = torch.cat([values, extra[0]])[order]
+        vectors = torch.cat([vectors, extra[1]], dim=1)[:, order.to(vectors.device)]
+        residuals = torch.cat([residuals, extra[2]])[order]
+        converged = extra[4]
+    return EigenResult(
+        eigenvalues=sign * values,
+        eigenvectors=vectors if return_eigenvectors else None,
+        residual_norms=residuals,
+        num_matvecs=spent,
+        converged=converged,
+    )
+
+
+def _restarted_run(
+    matvec: MatVec, n: int, k: int, size: int, budget: int, tol: float, start: Tensor, seed: int
+) -> tuple[Tensor, Tensor, Tensor, int, bool, bool]:
+    """One thick-restart Lanczos run for the ``k`` largest eigenpairs of ``matvec``.
+
+    Returns:
+        Ritz values (descending, float64), Ritz vectors ``(n, k)``, residual norms, products spent, whether the
+        tolerance was met, and whether the Krylov space exhausted the whole (reachable) space.
+    """
+    krylov = _Krylov(matvec, n, size, start.dtype, start.device, seed)
+    krylov.start(start)
+    check_every = max(4, size // 8)  # Ritz checks in between restarts let warm starts stop early
     while True:
-        krylov.extend(budget - krylov.num_matvecs)
+        target = min(size, max(krylov.filled + check_every, k + 1))
+        krylov.extend(min(target - krylov.filled, budget - krylov.num_matvecs))
         theta, coeffs, residuals = krylov.ritz()
         wanted = min(k, theta.numel())
         scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
         complete = krylov.exhausted or krylov.filled >= n
         converged = wanted == k and (complete or bool((residuals[:k] <= tol * scale).all()))
-        if converged or krylov.num_matvecs >= budget or krylov.filled < size:
+        if converged or krylov.num_matvecs >= budget or complete:
             break
-        krylov.restart(theta, coeffs, keep=min(krylov.filled - 1, k + (size - k) // 2))
-    vectors = None
-    if return_eigenvectors:
-        basis_coeffs = coeffs[:, :wanted].to(device=krylov.basis.device, dtype=krylov.basis.dtype)
-        vectors = krylov.basis[: krylov.filled].T @ basis_coeffs
-    return EigenResult(
-        eigenvalues=sign * theta[:wanted],
-        eigenvectors=vectors,
-        residual_norms=residuals[:wanted],
-        num_matvecs=krylov.num_matvecs,
-        converged=converged,
-    )
+        if krylov.filled >= size:
+            krylov.restart(theta, coeffs, keep=min(krylov.filled - 1, k + (size - k) // 2))
+    basis_coeffs = coeffs[:, :wanted].to(device=krylov.basis.device, dtype=krylov.basis.dtype)
+    vectors = krylov.basis[: krylov.filled].T @ basis_coeffs
+    return theta[:wanted], vectors, residuals[:wanted], krylov.num_matvecs, converged, complete
 
 
 @dataclass

@@ -230,6 +230,14 @@ class HessianOperator:
             )
         return loss.reshape(())
 
+    def _live_batches(self) -> Iterator[tuple[Any, float]]:
+        return ((b, c) for b, c in zip(self._batches, self._local_counts.tolist()) if c > 0)
+
+    @staticmethod
+    def _dense(grads: Sequence[Tensor | None], leaves: Sequence[Tensor]) -> list[Tensor]:
+        """Replace the ``None`` gradients of unused parameters by zeros."""
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
+
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
         with evaluation_mode(self.model), torch.inference_mode(False), torch.enable_grad():
@@ -258,14 +266,13 @@ class HessianOperator:
         """
         if vector.numel() != self.num_params:
             raise ValueError(f"vector has {vector.numel()} entries, the operator acts on {self.num_params}")
-        vector = vector.to(device=self.device, dtype=self.dtype).reshape(-1)
-        pieces = self.unflatten(vector)
-        out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
         with self._context():
+            # clone: the caller may hold an inference-mode tensor, which autograd cannot save
+            vector = vector.to(device=self.device, dtype=self.dtype).reshape(-1).clone()
+            pieces = self.unflatten(vector)
+            out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
             tensors, leaves = self._tensors()
-            for batch, count in zip(self._batches, self._local_counts.tolist()):
-                if count == 0:
-                    continue
+            for batch, count in self._live_batches():
                 loss = self._batch_loss(tensors, batch)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 dot = sum(
@@ -273,34 +280,32 @@ class HessianOperator:
                     torch.zeros((), dtype=self.dtype, device=self.device),
                 )
                 if dot.requires_grad:
-                    hv = torch.autograd.grad(dot, leaves, allow_unused=True)
-                    out += count * self.flatten([torch.zeros_like(p) if h is None else h for h, p in zip(hv, leaves)])
-        self.num_products += 1
-        return distributed_sum(out).div_(self.num_samples)
+                    out += count * self.flatten(
+                        self._dense(torch.autograd.grad(dot, leaves, allow_unused=True), leaves)
+                    )
+            self.num_products += 1
+            return distributed_sum(out).div_(self.num_samples)
 
     __matmul__ = matvec
 
     def gradient(self) -> Tensor:
         """Gradient of the global probe loss (flat, all-reduced); does not count as a product."""
-        out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
         with self._context():
+            out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
             tensors, leaves = self._tensors()
-            for batch, count in zip(self._batches, self._local_counts.tolist()):
-                if count == 0:
-                    continue
+            for batch, count in self._live_batches():
                 grads = torch.autograd.grad(self._batch_loss(tensors, batch), leaves, allow_unused=True)
-                out += count * self.flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)])
-        return distributed_sum(out).div_(self.num_samples)
+                out += count * self.flatten(self._dense(grads, leaves))
+            return distributed_sum(out).div_(self.num_samples)
 
     def loss(self) -> float:
         r"""Global probe loss :math:`L(\theta)` (all-reduced; non-finite values are returned as they are)."""
-        total = torch.zeros(1, dtype=self.dtype, device=self.device)
         with self._context(), torch.no_grad():
+            total = torch.zeros(1, dtype=self.dtype, device=self.device)
             tensors, _ = self._tensors()
-            for batch, count in zip(self._batches, self._local_counts.tolist()):
-                if count:
-                    total += count * self._batch_loss(tensors, batch).detach()
-        return float(distributed_sum(total).item() / self.num_samples)
+            for batch, count in self._live_batches():
+                total += count * self._batch_loss(tensors, batch)
+            return float(distributed_sum(total).item() / self.num_samples)
 
     def dense(self) -> Tensor:
         """Dense Hessian built column by column from :math:`n` products (for tests and tiny models only)."""

@@ -1,0 +1,45 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_hessian import ConvergenceWarning, hessian_eigenvalues
+from tests.cases import CASES, dense_hessian, make_case, mse_loss
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_top_k_matches_dense_reference(name):
+    model, loss_fn, batches = make_case(name, seed=1)
+    reference = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batches)).flip(0)
+    k = 12
+    eigenvalues = hessian_eigenvalues(model, loss_fn, batches, k=k)
+    assert eigenvalues.dtype == torch.float64 and eigenvalues.shape == (k,)
+    rel = (eigenvalues - reference[:k]).abs() / reference[:k].abs()
+    assert rel.max() <= 1e-8
+
+
+def test_bottom_k_and_float32_model():
+    model, loss_fn, batches = make_case("tanh_mse", seed=2)
+    reference = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batches))
+    bottom = hessian_eigenvalues(model, loss_fn, batches, k=3, which="smallest", tol=1e-10)
+    torch.testing.assert_close(bottom, reference[:3], atol=1e-9 * float(reference.abs().max()), rtol=0)
+    model32 = model.float()
+    batches32 = [(x.float(), y.float()) for x, y in batches]
+    top = hessian_eigenvalues(model32, loss_fn, batches32, k=3, dtype=torch.float64)
+    torch.testing.assert_close(top, reference.flip(0)[:3], rtol=1e-5, atol=0)
+
+
+def test_k_larger_than_parameter_count_is_clamped():
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="exceeds the number of trainable parameters"):
+        eigenvalues = hessian_eigenvalues(model, mse_loss, [(x, y)], k=10)
+    reference = torch.linalg.eigvalsh(dense_hessian(model, mse_loss, [(x, y)])).flip(0)
+    torch.testing.assert_close(eigenvalues, reference, atol=1e-12, rtol=0)
+
+
+def test_budget_warning_and_bad_k():
+    model, loss_fn, batches = make_case("relu_ce")
+    with pytest.warns(ConvergenceWarning, match="max_hvps"):
+        hessian_eigenvalues(model, loss_fn, batches, k=10, max_hvps=12)
+    with pytest.raises(ValueError, match="positive integer"):
+        hessian_eigenvalues(model, loss_fn, batches, k=0)
