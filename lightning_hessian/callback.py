@@ -1,0 +1,931 @@
+r"""HessianSpectrum: a Lightning callback that probes the Hessian spectrum at epoch boundaries.
+
+One *probe* evaluates the Hessian :math:`H = \nabla^2 L(\theta)` of the probe loss
+:math:`L = \frac1N\sum_j \ell(\theta; x_j)` over a fixed, seeded probe set (:mod:`lightning_hessian.probe`) with
+Hessian-vector products (:class:`~lightning_hessian.operators.HessianOperator`), and logs scalars through
+``pl_module.log`` (so ``EarlyStopping``/``ModelCheckpoint`` see them in the same epoch) plus TensorBoard extras on
+rank 0 (:mod:`lightning_hessian.reporting`). The callback is glue: the math lives in the solver modules.
+
+Schedule. A *cheap* probe (warm-started Lanczos for the top ``num_tracked`` eigenpairs: ``lambda_max``, the spectral
+gap, the subspace overlap, and Hutchinson's trace) runs on every ``every_n_epochs``-th call of the hook; every
+``powerlaw_every_n_epochs // every_n_epochs``-th probe, starting with the first, is a *full* probe that also computes
+the top ``top_k`` eigenvalues for the power-law test of Xie et al. (2022) and, if ``density``, the SLQ density
+(Ghorbani et al. 2019). Cost: one HVP costs about 1.3 gradient evaluations of the probe set; a cheap probe takes about
+``num_tracked + 20 + trace_samples`` HVPs, a full probe about ``2 top_k`` to ``6 top_k`` more
+(+ ``density_probes * density_steps`` for the density).
+
+What a key holds (EarlyStopping reads ``trainer.callback_metrics``, which keeps a key's last logged value):
+
+* probe that succeeded: the fresh value;
+* epoch without a probe, or a cheap probe for the full-probe keys (``powerlaw_*``, ``ks_*``, ``is_power_law``):
+  nothing is logged, so monitors see the value of the last probe that computed the key (stale; with
+  ``every_n_epochs = n`` an ``EarlyStopping`` checking every epoch spends ``n - 1`` units of patience per probe
+  without a change: set ``patience`` in epochs, ``>= n`` times the number of probes you want to wait);
+* failed probe (non-finite loss or product, solver not converged within ``max_hvps``/``max_seconds``, unusable
+  spectrum): a warning and NaN for the failed analysis' keys (``hvps`` and ``probe_seconds`` stay real), so the
+  dashboard shows the gap; ``EarlyStopping(check_finite=True)`` (its default) then stops training. Pass
+  ``nan_on_failure=False`` to log nothing instead (monitors keep the last good value), or ``strict=True`` to raise.
+
+Every key the configuration computes is logged by the first probe, which runs on the first call of the hook, so an
+``EarlyStopping(strict=True)`` finds its key at its first check when both run at the same hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_hessian import reporting as rp
+from lightning_hessian.lanczos import EigenResult, hutchinson_trace, lanczos, stochastic_lanczos_quadrature
+from lightning_hessian.operators import HessianOperator, evaluation_mode
+from lightning_hessian.powerlaw import KS_CRITICAL_CONSTANTS, fit_power_law, ks_critical_value, spectral_gap
+from lightning_hessian.probe import ProbeSet, isolated_rng
+
+__all__ = [
+    "Analysis",
+    "AnalysisResult",
+    "HessianConfigError",
+    "HessianSpectrum",
+    "ProbeContext",
+    "ProbeFailure",
+    "default_loss",
+]
+
+log = logging.getLogger(__name__)
+
+#: Smallest KS distance of a random-init network seen in the evidence (digits FCN, K = 200: 0.103; Xie et al.'s
+#: random-init LeNets at K = 1000: 0.066-0.097). The test has power only if d_c(K) = c(alpha)/sqrt(K) is below it.
+RANDOM_INIT_KS_DISTANCE = 0.10
+#: Above this fraction of all parameters the top-K leaves the power-law top of the spectrum (digits: K = 16% failed).
+MAX_TOP_K_FRACTION = 0.10
+
+
+class HessianConfigError(MisconfigurationException, ValueError):
+    """Invalid ``HessianSpectrum`` configuration (a ``MisconfigurationException`` and a ``ValueError``)."""
+
+
+class ProbeFailure(RuntimeError):
+    """A probe could not produce trustworthy numbers (raised to the user only with ``strict=True``)."""
+
+
+def default_loss(pl_module: pl.LightningModule, batch: Any) -> Tensor:
+    """Default ``loss_fn``: ``pl_module.hessian_loss(batch)`` if defined, else the loss of ``training_step``.
+
+    ``training_step(batch, 0)`` is called with ``pl_module.log``/``log_dict`` silenced (the probe never pollutes the
+    module's logged metrics); its return value must be the batch-mean loss as a Tensor or a dict with key ``"loss"``.
+    It runs in eval mode (dropout off, BatchNorm on running statistics) inside a functional call whose parameters are
+    the probe's copies. Define ``hessian_loss(self, batch) -> Tensor`` (or pass ``loss_fn``) when ``training_step``
+    adds regularisers, updates torchmetrics or other state, uses manual optimisation, or returns ``None``.
+
+    Raises:
+        ProbeFailure: if ``training_step`` returns no loss.
+    """
+    hook = getattr(pl_module, "hessian_loss", None)
+    if callable(hook):
+        return hook(batch)
+    with _silenced_logging(pl_module):
+        if _accepts_batch_idx(pl_module.training_step):
+            out = pl_module.training_step(batch, 0)
+        else:
+            out = pl_module.training_step(batch)
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, Tensor):
+        raise ProbeFailure(
+            f"training_step returned {type(out).__name__}, not a loss Tensor or a dict with 'loss'; define "
+            "`hessian_loss(self, batch)` on the module or pass `loss_fn=` to HessianSpectrum."
+        )
+    return out
+
+
+def _accepts_batch_idx(step: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(step).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+
+
+@contextlib.contextmanager
+def _silenced_logging(pl_module: Any) -> Iterator[None]:
+    saved = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
+    pl_module.log = lambda *args, **kwargs: None
+    pl_module.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in saved:
+                setattr(pl_module, name, saved[name])
+            else:
+                delattr(pl_module, name)
+
+
+@dataclass
+class AnalysisResult:
+    """What one analysis of a probe produces.
+
+    Attributes:
+        scalars: full logged key -> value (keys built with :func:`lightning_hessian.reporting.metric_key`).
+        items: TensorBoard items written on rank 0.
+    """
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    items: list[rp.TensorBoardItem] = field(default_factory=list)
+
+
+class _Budget:
+    """HVP counter and budget of one probe.
+
+    Enforces ``max_hvps``/``max_seconds`` identically on all ranks and prints a progress line every 10 s of a long
+    probe (never per HVP).
+    """
+
+    def __init__(self, device: torch.device, max_hvps: int | None, max_seconds: float | None, label: str) -> None:
+        self.device = device
+        self.max_hvps = max_hvps
+        self.max_seconds = max_seconds
+        self.label = label
+        self.start = time.perf_counter()
+        self.hvps = 0
+        self._next_report = self.start + 10.0
+
+    def remaining(self) -> int | None:
+        """HVPs left (``None``: unlimited)."""
+        return None if self.max_hvps is None else max(self.max_hvps - self.hvps, 1)
+
+    def elapsed(self) -> float:
+        """Seconds since the probe started."""
+        return time.perf_counter() - self.start
+
+    def bind(self, operator: HessianOperator) -> Callable[[Tensor], Tensor]:
+        """``v -> operator @ v`` charged to this budget."""
+
+        def matvec(vector: Tensor) -> Tensor:
+            if self.max_hvps is not None and self.hvps >= self.max_hvps:
+                raise ProbeFailure(f"the HVP budget max_hvps={self.max_hvps} is spent")
+            if self.max_seconds is not None and _any_rank(self.elapsed() > self.max_seconds, self.device):
+                raise ProbeFailure(f"the time budget max_seconds={self.max_seconds} is spent after {self.hvps} HVPs")
+            out = operator.matvec(vector)
+            self.hvps += 1
+            now = time.perf_counter()
+            if now >= self._next_report:
+                self._next_report = now + 10.0
+                rank_zero_info(f"{self.label}: {self.hvps} HVPs, {now - self.start:.1f} s")
+            return out
+
+        return matvec
+
+
+@dataclass
+class ProbeContext:
+    """Everything an analysis may use; built once per probe, identical in shape on every rank.
+
+    Attributes:
+        trainer: the Trainer.
+        pl_module: the unwrapped LightningModule.
+        operator: Hessian of the probe loss over all parameters that require grad (all-reduced under DDP).
+        matvec: ``v -> H v`` of ``operator`` charged to the probe's budget (use it, or ``budget.bind(op)`` for another
+            operator, so products are counted and ``max_hvps``/``max_seconds`` hold).
+        budget: the probe's HVP/time budget.
+        batches: this rank's device-ready probe batches.
+        loss_fn: ``loss_fn(model, batch) -> batch-mean loss``.
+        dtype: dtype of the products.
+        prefix: metric prefix (``"hessian"`` by default).
+        seed: the callback's seed (use it for every random vector: identical on all ranks).
+        full: whether this is a full probe (power-law test, density).
+        top: the top eigenpairs of this probe (``None`` if the spectrum analysis failed), descending.
+        loss: the global probe loss.
+    """
+
+    trainer: Any
+    pl_module: Any
+    operator: HessianOperator
+    matvec: Callable[[Tensor], Tensor]
+    budget: _Budget
+    batches: list[Any]
+    loss_fn: Callable[[Any, Any], Tensor]
+    dtype: torch.dtype
+    prefix: str
+    seed: int
+    full: bool
+    top: EigenResult | None = None
+    loss: float = math.nan
+
+    def key(self, name: str) -> str:
+        """Logged key ``f"{prefix}/{name}"``."""
+        return rp.metric_key(self.prefix, name)
+
+
+class Analysis(Protocol):
+    """An optional analysis plugged into a probe (e.g. Jacobian laws, Hessian rank).
+
+    Attributes:
+        name: short name used in warnings.
+        full_only: run on full probes only.
+    """
+
+    name: str
+    full_only: bool
+
+    def keys(self, prefix: str, pl_module: Any) -> list[str]:
+        """Every scalar key it logs (NaN-filled when it fails)."""
+        ...
+
+    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
+        """Run on a probe; raise to report failure (the callback turns it into a warning + NaN)."""
+        ...
+
+
+@dataclass
+class _PowerLaw:
+    ks_level: float
+    top_k: int
+    name: str = "power-law test"
+    full_only: bool = True
+
+    def keys(self, prefix: str, pl_module: Any) -> list[str]:
+        names = (rp.POWERLAW_BETA, rp.POWERLAW_S, rp.POWERLAW_BETA_STDERR, rp.KS_DISTANCE, rp.KS_CRITICAL)
+        return [rp.metric_key(prefix, n) for n in (*names, rp.IS_POWER_LAW)]
+
+    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
+        if ctx.top is None:
+            raise ProbeFailure("no eigenvalues (the spectrum analysis failed)")
+        eig = ctx.top.eigenvalues.detach().to("cpu", torch.float64)
+        fit = fit_power_law(eig, alpha=self.ks_level)
+        scalars = {
+            ctx.key(rp.POWERLAW_BETA): fit.beta,
+            ctx.key(rp.POWERLAW_S): fit.s,
+            ctx.key(rp.POWERLAW_BETA_STDERR): fit.beta_stderr,
+            ctx.key(rp.KS_DISTANCE): fit.ks_distance,
+            ctx.key(rp.KS_CRITICAL): fit.ks_critical,
+            ctx.key(rp.IS_POWER_LAW): float(fit.is_power_law),
+        }
+        epoch = getattr(ctx.trainer, "current_epoch", 0)
+
+        def figure() -> Any:
+            return rp.rank_plot(
+                eig,
+                s=fit.s,
+                cutoff_rank=fit.k,
+                ks_distance=fit.ks_distance,
+                ks_critical=fit.ks_critical,
+                title=f"epoch {epoch}: ",
+            )
+
+        verdict = "**power law**" if fit.is_power_law else "**not** a power law"
+        text = (
+            f"epoch {epoch}: top-{fit.k} spectrum is {verdict} (d_ks = {fit.ks_distance:.4f} vs d_c = "
+            f"{fit.ks_critical:.4f} at level {fit.alpha}); β̂ = {fit.beta:.3f} ± {fit.beta_stderr:.3f}, "
+            f"ŝ = {fit.s:.3f} (OLS slope {fit.slope_ols:.3f}); λ_max = {float(eig[0]):.5g}"
+        )
+        items: list[rp.TensorBoardItem] = [
+            rp.FigureItem(ctx.key("rank_plot"), figure),
+            rp.Text(ctx.key("summary"), text),
+        ]
+        return AnalysisResult(scalars, items)
+
+
+@dataclass
+class _Trace:
+    num_samples: int
+    name: str = "trace"
+    full_only: bool = False
+
+    def keys(self, prefix: str, pl_module: Any) -> list[str]:
+        return [rp.metric_key(prefix, rp.TRACE)]
+
+    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
+        estimate = hutchinson_trace(
+            ctx.matvec,
+            ctx.operator.num_params,
+            num_samples=self.num_samples,
+            seed=ctx.seed + 7919,
+            dtype=ctx.dtype,
+            device=ctx.operator.device,
+        )
+        if not math.isfinite(estimate.value):
+            raise ProbeFailure("non-finite trace estimate")
+        return AnalysisResult({ctx.key(rp.TRACE): estimate.value})
+
+
+@dataclass
+class _Density:
+    num_probes: int
+    num_steps: int
+    name: str = "SLQ density"
+    full_only: bool = True
+
+    def keys(self, prefix: str, pl_module: Any) -> list[str]:
+        return []
+
+    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
+        n = ctx.operator.num_params
+        slq = stochastic_lanczos_quadrature(
+            ctx.matvec,
+            n,
+            num_probes=self.num_probes,
+            num_steps=min(self.num_steps, n),
+            seed=ctx.seed + 104729,
+            dtype=ctx.dtype,
+            device=ctx.operator.device,
+        )
+        item = rp.slq_raw_histogram(ctx.key("density"), slq.nodes, slq.weights, n)
+        if item is None:
+            raise ProbeFailure("non-finite SLQ nodes")
+        return AnalysisResult(items=[item])
+
+
+def _trainable_blocks(pl_module: Any) -> list[tuple[str, list[torch.nn.Parameter]]]:
+    blocks = []
+    for name, module in pl_module.named_modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if params and name:
+            blocks.append((name, params))
+    return blocks
+
+
+@dataclass
+class _PerLayer:
+    top_k: int
+    ks_level: float
+    tol: float
+    name: str = "per-layer spectrum"
+    full_only: bool = False
+
+    def keys(self, prefix: str, pl_module: Any) -> list[str]:
+        keys: list[str] = []
+        for name, _ in _trainable_blocks(pl_module) if pl_module is not None else ():
+            keys += [
+                rp.metric_key(prefix, f"{name}/{rp.LAMBDA_MAX}"),
+                rp.metric_key(prefix, f"{name}/{rp.POWERLAW_BETA}"),
+            ]
+        return keys
+
+    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
+        scalars: dict[str, float] = {}
+        for name, params in _trainable_blocks(ctx.pl_module):
+            op = HessianOperator(ctx.pl_module, ctx.loss_fn, ctx.batches, dtype=ctx.dtype, params=params)
+            k = min(self.top_k if ctx.full else 1, op.num_params)
+            result = lanczos(
+                ctx.budget.bind(op),
+                op.num_params,
+                k,
+                tol=self.tol,
+                max_matvecs=ctx.budget.remaining(),
+                seed=ctx.seed,
+                dtype=ctx.dtype,
+                device=op.device,
+            )
+            if not result.converged:
+                raise ProbeFailure(f"Lanczos on {name} did not converge in {result.num_matvecs} HVPs")
+            scalars[ctx.key(f"{name}/{rp.LAMBDA_MAX}")] = float(result.eigenvalues[0])
+            if ctx.full:
+                try:
+                    beta = fit_power_law(result.eigenvalues.cpu(), alpha=self.ks_level).beta
+                except ValueError:
+                    beta = math.nan
+                scalars[ctx.key(f"{name}/{rp.POWERLAW_BETA}")] = beta
+        return AnalysisResult(scalars)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Logical OR of ``flag`` over all ranks (one tiny all-reduce under DDP; identity otherwise)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class HessianSpectrum(Callback):
+    r"""Watch the Hessian spectrum of the training loss at epoch boundaries and log it for monitors and TensorBoard.
+
+    Logs (keys with ``prefix="hessian"``) ``hessian/lambda_max``, ``hessian/spectral_gap``,
+    ``hessian/spectral_gap_ratio``, ``hessian/trace``, ``hessian/subspace_overlap``, ``hessian/hvps``,
+    ``hessian/probe_seconds`` on every probe and ``hessian/powerlaw_beta``, ``hessian/powerlaw_s``,
+    ``hessian/powerlaw_beta_stderr``, ``hessian/ks_distance``, ``hessian/ks_critical``, ``hessian/is_power_law`` on full
+    probes (see :data:`lightning_hessian.reporting.METRICS`). The power-law test fits
+    :math:`\hat\beta = 1 + K / \sum_{i\le K}\ln(\lambda_i/\lambda_K)` to the top ``K = top_k`` eigenvalues and accepts
+    when :math:`d_{ks} < c(\alpha)/\sqrt K` (Xie et al. 2022). The subspace overlap of consecutive probes is
+    :math:`\|V_{\text{prev}}^\top V_{\text{cur}}\|_F^2 / k` over the top ``k = num_tracked`` Ritz vectors (1: the same
+    subspace; Xie et al.'s Davis-Kahan argument makes the top of a power-law spectrum stable), and each probe's Lanczos
+    starts from the sum of the previous probe's Ritz vectors (warm start).
+
+    Choosing ``top_k``: on scikit-learn digits (2-layer ReLU FCN, 6,310 parameters) the KS test separates a trained net
+    (d_ks 0.028-0.049) from random init (d_ks 0.103 at K = 200) only for K >= 200; at K = 50/100 random init passes
+    too (d_c = 1.36/sqrt(K) = 0.19/0.14 exceeds its d_ks) and at K = 1000 (16% of the parameters) the trained net fails,
+    because the bulk is not a power law. Take the smallest K with d_c(K) < 0.1 (K >= 185 at ks_level 0.05, hence the
+    default 200) and at most about 10% of the parameters; the callback warns outside that range and clamps K to the
+    parameter count.
+
+    Args:
+        top_k: eigenvalues ``K`` for the power-law test (full probes).
+        every_n_epochs: probe on every n-th call of the ``when`` hook, starting with the first (epochs 0, n, 2n, ...).
+        probe_samples: global number of probe samples of the training data, split evenly across ranks (each rank draws
+            its share from its own strided shard); ``>= len(dataset)`` probes the whole data set.
+        seed: seed of the probe-sample choice and of every random vector (the global RNGs are never touched).
+        dtype: ``"float32"`` or ``"float64"`` products; ``None`` uses the model's dtype (float32 for half precision).
+        when: ``"train_epoch_end"`` (default: visible to a default ``EarlyStopping`` in the same epoch) or
+            ``"validation_epoch_end"`` (skips the sanity check; also works under ``trainer.validate()``).
+        density: on full probes, write the SLQ spectral density as a TensorBoard raw histogram.
+        trace: log Hutchinson's estimate of ``tr(H)`` on every probe.
+        ks_level: significance level of the KS test, one of 0.2, 0.15, 0.1, 0.05, 0.01.
+        prefix: replaces ``hessian`` in every key; distinct prefixes let two instances coexist.
+        max_hvps: budget of HVPs per probe (``None``: the solvers' own limits); an exhausted budget fails the probe.
+        max_seconds: wall-clock budget per probe (decided jointly by all ranks); an exhausted budget fails the probe.
+        strict: raise :class:`ProbeFailure` instead of warning and logging NaN when a probe fails.
+        loss_fn: ``loss_fn(pl_module, batch) -> batch-mean loss``; ``None`` uses :func:`default_loss`
+            (``pl_module.hessian_loss(batch)`` if defined, else ``training_step`` with logging silenced).
+        powerlaw_every_n_epochs: run the full probe (power-law test, density) every this many epochs, a multiple of
+            ``every_n_epochs``; ``None`` never runs it.
+        num_tracked: eigenpairs of the cheap probe (``lambda_max``, gap, overlap, warm start); ``>= 2``.
+        tol: relative Lanczos residual tolerance.
+        trace_samples: Rademacher probes of Hutchinson's trace estimator.
+        density_probes: SLQ probe vectors.
+        density_steps: Lanczos steps per SLQ probe vector.
+        probe_batch_size: samples per probe batch (memory only; ``None``: the training batch size).
+        per_layer: also log ``<prefix>/<module name>/lambda_max`` per module that owns parameters and, on full probes,
+            ``<prefix>/<module name>/powerlaw_beta`` of that parameter block's Hessian.
+        nan_on_failure: on a failed probe log NaN (default) or nothing (monitors keep the last good value).
+        tensorboard: write the TensorBoard extras when a TensorBoard logger is attached.
+
+    Raises:
+        HessianConfigError: (a ``MisconfigurationException`` and ``ValueError``) for an invalid argument, naming the
+            value and what is allowed.
+
+    Example::
+
+        >>> from lightning.pytorch.callbacks import EarlyStopping
+        >>> callbacks = [HessianSpectrum(top_k=200, probe_samples=512),
+        ...              EarlyStopping(monitor="hessian/ks_distance", mode="min", patience=20)]
+    """
+
+    def __init__(
+        self,
+        top_k: int = 200,
+        every_n_epochs: int = 1,
+        probe_samples: int = 512,
+        seed: int = 0,
+        dtype: Literal["float32", "float64"] | None = None,
+        when: Literal["train_epoch_end", "validation_epoch_end"] = "train_epoch_end",
+        density: bool = True,
+        trace: bool = True,
+        ks_level: float = 0.05,
+        prefix: str = "hessian",
+        max_hvps: int | None = None,
+        max_seconds: float | None = None,
+        strict: bool = False,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
+        powerlaw_every_n_epochs: int | None = 10,
+        num_tracked: int = 8,
+        tol: float = 1e-4,
+        trace_samples: int = 16,
+        density_probes: int = 4,
+        density_steps: int = 64,
+        probe_batch_size: int | None = None,
+        per_layer: bool = False,
+        nan_on_failure: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
+        _check_int("top_k", top_k, 3)
+        _check_int("every_n_epochs", every_n_epochs, 1)
+        _check_int("probe_samples", probe_samples, 1)
+        _check_int("seed", seed, None)
+        if dtype not in (None, "float32", "float64"):
+            raise HessianConfigError(f"dtype must be 'float32', 'float64' or None, got {dtype!r}.")
+        if when not in ("train_epoch_end", "validation_epoch_end"):
+            raise HessianConfigError(f"when must be 'train_epoch_end' or 'validation_epoch_end', got {when!r}.")
+        for name, value in (
+            ("density", density),
+            ("trace", trace),
+            ("strict", strict),
+            ("per_layer", per_layer),
+            ("nan_on_failure", nan_on_failure),
+            ("tensorboard", tensorboard),
+        ):
+            if not isinstance(value, bool):
+                raise HessianConfigError(f"{name} must be True or False, got {value!r}.")
+        if isinstance(ks_level, bool) or not any(math.isclose(float(ks_level), a) for a in KS_CRITICAL_CONSTANTS):
+            raise HessianConfigError(f"ks_level must be one of {sorted(KS_CRITICAL_CONSTANTS)}, got {ks_level!r}.")
+        if not isinstance(prefix, str) or not prefix.strip("/") or prefix != prefix.strip("/ "):
+            raise HessianConfigError(f"prefix must be a non-empty string without leading/trailing '/', got {prefix!r}.")
+        if max_hvps is not None:
+            _check_int("max_hvps", max_hvps, 1, "or None")
+        if max_seconds is not None and (
+            isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds > 0
+        ):
+            raise HessianConfigError(f"max_seconds must be a positive number or None, got {max_seconds!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise HessianConfigError(f"loss_fn must be callable(pl_module, batch) -> Tensor or None, got {loss_fn!r}.")
+        if powerlaw_every_n_epochs is not None:
+            _check_int("powerlaw_every_n_epochs", powerlaw_every_n_epochs, 1, "or None")
+            if powerlaw_every_n_epochs % every_n_epochs:
+                raise HessianConfigError(
+                    f"powerlaw_every_n_epochs={powerlaw_every_n_epochs} must be a multiple of "
+                    f"every_n_epochs={every_n_epochs} (or None)."
+                )
+        _check_int("num_tracked", num_tracked, 2)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+            raise HessianConfigError(f"tol must be in (0, 1), got {tol!r}.")
+        _check_int("trace_samples", trace_samples, 1)
+        _check_int("density_probes", density_probes, 1)
+        _check_int("density_steps", density_steps, 2)
+        if probe_batch_size is not None:
+            _check_int("probe_batch_size", probe_batch_size, 1, "or None")
+
+        self.top_k = top_k
+        self.every_n_epochs = every_n_epochs
+        self.probe_samples = probe_samples
+        self.seed = seed
+        self.dtype = dtype
+        self.when = when
+        self.density = density
+        self.trace = trace
+        self.ks_level = float(ks_level)
+        self.prefix = prefix
+        self.max_hvps = max_hvps
+        self.max_seconds = None if max_seconds is None else float(max_seconds)
+        self.strict = strict
+        self.loss_fn = loss_fn
+        self.powerlaw_every_n_epochs = powerlaw_every_n_epochs
+        self.num_tracked = num_tracked
+        self.tol = float(tol)
+        self.trace_samples = trace_samples
+        self.density_probes = density_probes
+        self.density_steps = density_steps
+        self.probe_batch_size = probe_batch_size
+        self.per_layer = per_layer
+        self.nan_on_failure = nan_on_failure
+        self.tensorboard = tensorboard
+
+        critical = ks_critical_value(top_k, self.ks_level)
+        if powerlaw_every_n_epochs is not None and critical >= RANDOM_INIT_KS_DISTANCE:
+            rank_zero_warn(
+                f"HessianSpectrum(top_k={top_k}): the KS critical value d_c = {critical:.3f}"
+                f" is above the d_ks ~ {RANDOM_INIT_KS_DISTANCE} of a random-init network, so the power-law test "
+                "cannot tell a trained spectrum from a random one (on digits, K = 50 and 100 accept random init). "
+                f"Use top_k >= {_min_powerful_k(self.ks_level)}."
+            )
+
+        #: Extra analyses run on every probe after the built-in ones (see :class:`Analysis`).
+        self.analyses: list[Analysis] = []
+        self.history: list[dict[str, Any]] = []
+        self._calls = 0
+        self._num_probes = 0
+        self._vectors: Tensor | None = None
+        self._probe: ProbeSet | None = None
+        self._layout_written = False
+        self._warned_clamp = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, probe_samples=self.probe_samples, seed=self.seed)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [dict(h) for h in self.history],
+            "calls": self._calls,
+            "num_probes": self._num_probes,
+            "ritz_vectors": None if self._vectors is None else self._vectors.detach().to("cpu", torch.float32).clone(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._calls = int(state_dict.get("calls", 0))
+        self._num_probes = int(state_dict.get("num_probes", 0))
+        vectors = state_dict.get("ritz_vectors")
+        self._vectors = None if vectors is None else vectors.clone()
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.loss_fn is None and not callable(getattr(pl_module, "hessian_loss", None)):
+            if not getattr(pl_module, "automatic_optimization", True):
+                raise HessianConfigError(
+                    "HessianSpectrum's default loss calls training_step, which steps the optimizers under manual "
+                    "optimization; define `hessian_loss(self, batch)` on the module or pass `loss_fn=`."
+                )
+        self._probe = None
+        self._layout_written = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_monitors(trainer)
+        if self.tensorboard and not self._layout_written:
+            writer = rp.find_tensorboard_writer(trainer)
+            if writer is not None:
+                extra = self._per_layer_keys(pl_module) if self.per_layer else []
+                writer.add_custom_scalars(rp.custom_scalar_layout(self.prefix, extra))
+                self._layout_written = True
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "train_epoch_end":
+            self._on_hook(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "validation_epoch_end" and not trainer.sanity_checking:
+            self._on_hook(trainer, pl_module)
+
+    # ------------------------------------------------------------------ probe
+    def _on_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        call = self._calls
+        self._calls += 1
+        if call % self.every_n_epochs:
+            return
+        full_every = None
+        if self.powerlaw_every_n_epochs is not None:
+            full_every = self.powerlaw_every_n_epochs // self.every_n_epochs
+        fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+        full = full_every is not None and (self._num_probes % full_every == 0 or not fitting)
+        self._num_probes += 1
+        with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
+            scalars, items = self._run_probe(trainer, pl_module, full)
+        sync = _world_size() > 1
+        rp.log_scalars(pl_module, scalars, sync_dist=sync)
+        self.history.append({"epoch": trainer.current_epoch, "full": full, "metrics": dict(scalars)})
+        if self.tensorboard:
+            writer = rp.find_tensorboard_writer(trainer)
+            if writer is not None:
+                rp.write_items(writer, items, self._tensorboard_step(trainer))
+
+    def _run_probe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: bool
+    ) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
+        label = f"HessianSpectrum[{self.prefix}] epoch {trainer.current_epoch}"
+        start = time.perf_counter()
+        rank_zero_info(f"{label}: {'full' if full else 'cheap'} probe started")
+        scalars: dict[str, float] = {}
+        items: list[rp.TensorBoardItem] = []
+        analyses = self._analyses(full)
+        core_keys = [self._key(n) for n in (rp.LAMBDA_MAX, rp.SPECTRAL_GAP, rp.SPECTRAL_GAP_RATIO, rp.SUBSPACE_OVERLAP)]
+
+        ctx, error = self._prepare(trainer, pl_module, full, label)
+        if ctx is None:
+            groups = [core_keys, *(a.keys(self.prefix, pl_module) for a in analyses)]
+            self._fail(f"the probe could not start: {error}", groups, scalars)
+            scalars[self._key(rp.HVPS)] = 0.0
+            scalars[self._key(rp.PROBE_SECONDS)] = time.perf_counter() - start
+            return scalars, items
+
+        # core: top eigenpairs with warm start
+        try:
+            ctx.top = self._top_eigenpairs(ctx, full)
+            eig = ctx.top.eigenvalues.detach().to("cpu", torch.float64)
+            gap, ratio = spectral_gap(eig) if eig.numel() >= 2 else (math.nan, math.nan)
+            scalars[self._key(rp.LAMBDA_MAX)] = float(eig[0])
+            scalars[self._key(rp.SPECTRAL_GAP)] = gap
+            scalars[self._key(rp.SPECTRAL_GAP_RATIO)] = ratio
+            scalars[self._key(rp.SUBSPACE_OVERLAP)] = self._update_vectors(ctx.top.eigenvectors)
+            items.append(rp.Histogram(self._key("eigenvalues"), eig))
+            failed = False
+        except Exception as exc:  # noqa: BLE001 - any failure becomes a warning + NaN (or strict error)
+            failed, error = True, exc
+        if _any_rank(failed, ctx.operator.device):
+            ctx.top = None
+            self._fail(f"top eigenpairs: {error}", [core_keys], scalars)
+
+        for analysis in analyses:
+            try:
+                result = analysis(ctx)
+                failed = False
+            except Exception as exc:  # noqa: BLE001
+                failed, error, result = True, exc, None
+            if _any_rank(failed, ctx.operator.device):
+                self._fail(f"{analysis.name}: {error}", [analysis.keys(self.prefix, pl_module)], scalars)
+            elif result is not None:
+                scalars.update(result.scalars)
+                items.extend(result.items)
+        seconds = time.perf_counter() - start
+        scalars[self._key(rp.HVPS)] = float(ctx.budget.hvps)
+        scalars[self._key(rp.PROBE_SECONDS)] = seconds
+        rank_zero_info(f"{label}: done, {ctx.budget.hvps} HVPs in {seconds:.2f} s")
+        return scalars, items
+
+    def _prepare(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: bool, label: str
+    ) -> tuple[ProbeContext | None, Any]:
+        """Probe set, operator and a finite-loss check; the go/no-go decision is taken jointly by all ranks."""
+        error: Any = None
+        loss_fn = self.loss_fn if self.loss_fn is not None else default_loss
+        local = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # [sum n_b l_b, sum n_b, failed]
+        try:
+            if self._probe is None:
+                self._probe = ProbeSet.from_trainer(
+                    trainer, pl_module, self.probe_samples, seed=self.seed, batch_size=self.probe_batch_size
+                )
+            batches = self._probe.batches
+            with torch.no_grad(), evaluation_mode(pl_module):
+                for batch in batches:
+                    count = _count(batch)
+                    value = loss_fn(pl_module, batch)
+                    local[0] += count * float(value.detach().reshape(()))
+                    local[1] += count
+        except Exception as exc:  # noqa: BLE001
+            local[2] = 1.0
+            error = exc
+        if _world_size() > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        if local[2] > 0:
+            return None, error if error is not None else "it failed on another rank"
+        loss = float(local[0] / local[1]) if local[1] > 0 else math.nan
+        if not math.isfinite(loss):
+            return None, f"the probe loss is not finite ({loss})"
+        dtype = self._torch_dtype(pl_module)
+        operator = HessianOperator(pl_module, loss_fn, batches, dtype=dtype)
+        budget = _Budget(operator.device, self.max_hvps, self.max_seconds, label)
+        ctx = ProbeContext(
+            trainer=trainer,
+            pl_module=pl_module,
+            operator=operator,
+            matvec=budget.bind(operator),
+            budget=budget,
+            batches=batches,
+            loss_fn=loss_fn,
+            dtype=dtype,
+            prefix=self.prefix,
+            seed=self.seed,
+            full=full,
+            loss=loss,
+        )
+        return ctx, None
+
+    def _top_eigenpairs(self, ctx: ProbeContext, full: bool) -> EigenResult:
+        n = ctx.operator.num_params
+        k = self.top_k if full else self.num_tracked
+        if k > n:
+            if full and not self._warned_clamp:
+                rank_zero_warn(f"HessianSpectrum: top_k={self.top_k} exceeds the {n} trainable parameters; using {n}.")
+                self._warned_clamp = True
+            k = n
+        elif full and not self._warned_clamp and k > MAX_TOP_K_FRACTION * n:
+            rank_zero_warn(
+                f"HessianSpectrum: top_k={k} is {100 * k / n:.0f}% of the {n} parameters; the power law describes the "
+                "top of the spectrum (on digits K = 16% of the parameters rejected a trained net). Prefer <= 10%."
+            )
+            self._warned_clamp = True
+        start = None
+        if self._vectors is not None and self._vectors.shape[0] == n:
+            start = self._vectors.to(device=ctx.operator.device, dtype=ctx.dtype).sum(dim=1)
+        result = lanczos(
+            ctx.matvec,
+            n,
+            k,
+            tol=self.tol,
+            max_matvecs=ctx.budget.remaining(),
+            seed=self.seed,
+            dtype=ctx.dtype,
+            device=ctx.operator.device,
+            start=start,
+            return_eigenvectors=True,
+        )
+        if not result.converged:
+            raise ProbeFailure(
+                f"Lanczos did not converge to tol={self.tol} within {result.num_matvecs} HVPs "
+                f"(largest relative residual {float(result.residual_norms.max()):.2e}); raise max_hvps or tol"
+            )
+        if not bool(torch.isfinite(result.eigenvalues).all()):
+            raise ProbeFailure("non-finite eigenvalues")
+        return result
+
+    def _update_vectors(self, vectors: Tensor | None) -> float:
+        """Overlap with the previous probe's top-k Ritz vectors; keeps the current ones (float32, CPU)."""
+        if vectors is None:
+            return math.nan
+        current = vectors[:, : self.num_tracked].detach().to("cpu", torch.float64)
+        overlap = math.nan
+        if self._vectors is not None and self._vectors.shape[0] == current.shape[0]:
+            previous = self._vectors.to(torch.float64)
+            k = min(previous.shape[1], current.shape[1])
+            overlap = float((previous[:, :k].T @ current[:, :k]).pow(2).sum() / k)
+        self._vectors = current.to(torch.float32)
+        return overlap
+
+    def _analyses(self, full: bool) -> list[Analysis]:
+        built: list[Analysis] = []
+        if self.powerlaw_every_n_epochs is not None:
+            built.append(_PowerLaw(self.ks_level, self.top_k))
+        if self.trace:
+            built.append(_Trace(self.trace_samples))
+        if self.density:
+            built.append(_Density(self.density_probes, self.density_steps))
+        if self.per_layer:
+            built.append(_PerLayer(self.top_k, self.ks_level, self.tol))
+        return [a for a in (*built, *self.analyses) if full or not a.full_only]
+
+    def _fail(self, reason: str, key_groups: list[list[str]], scalars: dict[str, float]) -> None:
+        message = f"HessianSpectrum[{self.prefix}]: probe failed ({reason})."
+        if self.strict:
+            raise ProbeFailure(message)
+        rank_zero_warn(message + (" Logging NaN." if self.nan_on_failure else " Logging nothing."))
+        if self.nan_on_failure:
+            for keys in key_groups:
+                scalars.update(dict.fromkeys(keys, math.nan))
+
+    # ------------------------------------------------------------------ helpers
+    def _key(self, name: str) -> str:
+        return rp.metric_key(self.prefix, name)
+
+    def _per_layer_keys(self, pl_module: Any) -> list[str]:
+        return _PerLayer(self.top_k, self.ks_level, self.tol).keys(self.prefix, pl_module)
+
+    def _torch_dtype(self, pl_module: Any) -> torch.dtype:
+        if self.dtype is not None:
+            return getattr(torch, self.dtype)
+        model_dtype = next((p.dtype for p in pl_module.parameters() if p.requires_grad), torch.float32)
+        return model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _tensorboard_step(self, trainer: pl.Trainer) -> int:
+        """The step at which Lightning writes this hook's epoch-level scalars (so histograms line up with them)."""
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        stepped = getattr(loop, "_batches_that_stepped", None)
+        if stepped is None:
+            return int(trainer.global_step)
+        return max(int(stepped) - 1, 0) if self.when == "train_epoch_end" else int(stepped)
+
+    def monitored_keys(self, pl_module: Any = None) -> list[str]:
+        """Every scalar key this configuration can log (for monitors and dashboards)."""
+        keys = [self._key(n) for n in (rp.LAMBDA_MAX, rp.SPECTRAL_GAP, rp.SPECTRAL_GAP_RATIO, rp.SUBSPACE_OVERLAP)]
+        keys += [self._key(rp.HVPS), self._key(rp.PROBE_SECONDS)]
+        for analysis in self._analyses(full=True):
+            keys += analysis.keys(self.prefix, pl_module)
+        return keys
+
+    def _check_monitors(self, trainer: pl.Trainer) -> None:
+        """Warn when an EarlyStopping monitor of ours would check before the metric exists (or never gets it)."""
+        known = set(self.monitored_keys(trainer.lightning_module))
+        for callback in trainer.callbacks:
+            if not isinstance(callback, EarlyStopping) or not str(callback.monitor).startswith(self.prefix + "/"):
+                continue
+            monitor = callback.monitor
+            if monitor not in known:
+                rank_zero_warn(
+                    f"EarlyStopping monitors {monitor!r}, which this HessianSpectrum never logs with the current "
+                    f"arguments (logged keys: {sorted(known)})."
+                )
+            at_train_end = getattr(callback, "_check_on_train_epoch_end", None)
+            if at_train_end is None:
+                at_train_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+            if self.when == "train_epoch_end" and not at_train_end:
+                rank_zero_warn(
+                    f"EarlyStopping(monitor={monitor!r}) checks at on_validation_end, which runs before "
+                    "HessianSpectrum probes at on_train_epoch_end: its first check finds no value (an error with "
+                    "strict=True) and later checks see the previous epoch's value. Use "
+                    "HessianSpectrum(when='validation_epoch_end') or EarlyStopping(check_on_train_epoch_end=True)."
+                )
+            if self.when == "validation_epoch_end" and at_train_end and trainer.check_val_every_n_epoch != 1:
+                rank_zero_warn(
+                    f"EarlyStopping(monitor={monitor!r}) checks at every train-epoch end, but HessianSpectrum probes "
+                    f"at validation, which runs every {trainer.check_val_every_n_epoch} epochs: the first checks "
+                    "find no value. Use when='train_epoch_end'."
+                )
+            if self.every_n_epochs > 1:
+                rank_zero_info(
+                    f"HessianSpectrum probes every {self.every_n_epochs} epochs: EarlyStopping(monitor={monitor!r}) "
+                    "sees the last probe's value in between and spends patience on it; count patience in epochs."
+                )
+
+
+def _count(batch: Any) -> int:
+    from lightning_hessian.operators import batch_size
+
+    return batch_size(batch)
+
+
+def _check_int(name: str, value: Any, minimum: int | None, extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise HessianConfigError(f"{name} must be {allowed}{' ' + extra if extra else ''}, got {value!r}.")
+
+
+def _min_powerful_k(ks_level: float) -> int:
+    k = 3
+    while ks_critical_value(k, ks_level) >= RANDOM_INIT_KS_DISTANCE:
+        k += 1
+    return k
