@@ -1,0 +1,404 @@
+"""Embedding principle (Zhang et al. 2021): exact critical embeddings, Hessian degeneracy, condensation, merging."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev
+
+from lightning_hessian.embedding import (
+    CondensationReport,
+    LayerCondensation,
+    UnsupportedArchitectureError,
+    condensation,
+    condensation_report,
+    merge_condensed,
+    mlp_structure,
+    predicted_extra_zero_eigenvalues,
+    split_neuron,
+)
+
+DT = torch.float64
+
+
+def mlp(widths, act=nn.Tanh, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(DT)
+
+
+def names_shapes(model):
+    return [(n, p.shape) for n, p in model.named_parameters()]
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def as_dict(model, theta):
+    out, i = {}, 0
+    for name, shape in names_shapes(model):
+        size = math.prod(shape)
+        out[name] = theta[i : i + size].view(shape)
+        i += size
+    return out
+
+
+def risk(model, x, y):
+    """R(theta) = 1/(2n) sum_i ||f(x_i) - y_i||^2 as a function of the flat parameter vector."""
+
+    def fn(theta):
+        out = functional_call(model, as_dict(model, theta), (x,))
+        return 0.5 * ((out - y) ** 2).sum(dim=1).mean()
+
+    return fn
+
+
+def critical_targets(model, x, seed=0):
+    """Targets that make the current parameters an exact critical point with non-zero loss (notes, section 2.6)."""
+    theta = flat(model)
+
+    def outputs(t):
+        return functional_call(model, as_dict(model, t), (x,)).reshape(-1)
+
+    jac = jacrev(outputs)(theta)  # (n K, P), needs n K > P
+    assert jac.shape[0] > jac.shape[1]
+    u, _, _ = torch.linalg.svd(jac)
+    null = u[:, jac.shape[1] :]  # orthogonal to the range of J: J^T r = 0
+    g = torch.Generator().manual_seed(seed)
+    residual = null @ torch.randn(null.shape[1], generator=g, dtype=DT)
+    return (outputs(theta) - residual).detach().view(x.shape[0], -1)
+
+
+@pytest.fixture(scope="module")
+def critical_setup():
+    """A [3, 4, 3, 2] tanh net with biases (P = 39) at an exact critical point of the MSE on 30 samples."""
+    model = mlp([3, 4, 3, 2], seed=1)
+    x = torch.randn(30, 3, generator=torch.Generator().manual_seed(2), dtype=DT)
+    y = critical_targets(model, x)
+    return model, x, y
+
+
+def inertia(h, tol):
+    e = torch.linalg.eigvalsh(h)
+    return int((e < -tol).sum()), int((e.abs() <= tol).sum()), int((e > tol).sum())
+
+
+# ------------------------------------------------------------------------------------------------------- split_neuron
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU, nn.GELU, nn.Sigmoid])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("alpha", [0.3, 0.0, 1.0, -0.5, 2.0])
+def test_split_preserves_outputs_for_every_layer(act, bias, alpha):
+    model = mlp([4, 5, 3, 2], act=act, bias=bias, seed=3)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(4), dtype=DT)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for layer, width, fan_in, fan_out in [(0, 5, 4, 3), (1, 3, 5, 2)]:
+        for neuron in range(width):
+            wide = split_neuron(model, layer, neuron, alpha)
+            assert (wide(x) - model(x)).abs().max() <= 1e-12
+            added = sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in model.parameters())
+            assert added == fan_in + int(bias) + fan_out  # P' - P = m_{l-1} + 1 + m_{l+1}
+            assert wide[2 * layer].out_features == width + 1 and wide[2 * layer + 2].in_features == width + 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input model untouched
+
+
+def test_split_weights_follow_the_embedding_formula():
+    model = mlp([2, 3, 2], seed=5)
+    wide = split_neuron(model, 0, 1, 0.25)
+    w1, b1, w2 = model[0].weight, model[0].bias, model[2].weight
+    assert torch.equal(wide[0].weight, torch.cat([w1, w1[1:2]]))
+    assert torch.equal(wide[0].bias, torch.cat([b1, b1[1:2]]))
+    expected = torch.cat([w2, 0.75 * w2[:, 1:2]], dim=1)
+    expected[:, 1] = 0.25 * w2[:, 1]
+    assert torch.equal(wide[2].weight, expected)
+    assert torch.equal(wide[2].bias, model[2].bias)
+    assert wide[0].weight.dtype == DT and all(p.requires_grad for p in wide.parameters())
+
+
+def test_split_gradient_stays_zero_at_an_exact_critical_point(critical_setup):
+    model, x, y = critical_setup
+    assert grad(risk(model, x, y))(flat(model)).abs().max() <= 1e-14
+    assert risk(model, x, y)(flat(model)) > 1e-2  # a genuine critical point with non-zero loss
+    for layer, neuron in [(0, 0), (0, 3), (1, 2)]:
+        for alpha in (0.3, 1.0, -0.7):
+            wide = split_neuron(model, layer, neuron, alpha)
+            g = grad(risk(wide, x, y))(flat(wide))
+            assert g.abs().max() <= 1e-13
+            assert risk(wide, x, y)(flat(wide)) == pytest.approx(risk(model, x, y)(flat(model)).item(), abs=1e-14)
+
+
+def test_vector_alpha_preserves_outputs_but_breaks_criticality(critical_setup):
+    model, x, y = critical_setup
+    alpha = torch.tensor([0.2, 0.9, -0.4], dtype=DT)  # one factor per output of the next layer (3 units)
+    wide = split_neuron(model, 0, 1, alpha)
+    assert (wide(x) - model(x)).abs().max() <= 1e-12
+    g_vector = grad(risk(wide, x, y))(flat(wide))
+    scalar = split_neuron(model, 0, 1, 0.2)
+    g_scalar = grad(risk(scalar, x, y))(flat(scalar))
+    assert g_scalar.abs().max() <= 1e-13
+    assert g_vector.norm() > 1e-6  # flat but non-critical direction (notes 2.3.3)
+    # a constant vector is the scalar split
+    same = split_neuron(model, 0, 1, torch.full((3,), 0.2, dtype=DT))
+    assert torch.allclose(flat(same), flat(scalar), rtol=0, atol=0)
+
+
+def _null_direction(wide, layer, neuron, column):
+    """t = (+a_s on column s, -a_s on the new column) of the next Linear, zero elsewhere, as a flat vector."""
+    parts = []
+    target = f"{2 * layer + 2}.weight"
+    for name, p in wide.named_parameters():
+        t = torch.zeros_like(p)
+        if name == target:
+            t[:, neuron] = column
+            t[:, -1] = -column
+        parts.append(t.reshape(-1))
+    return torch.cat(parts)
+
+
+def test_split_direction_is_a_hessian_null_vector_and_inertia_never_decreases(critical_setup):
+    model, x, y = critical_setup
+    h_narrow = hessian(risk(model, x, y))(flat(model))
+    scale = h_narrow.abs().max().item()
+    tol = 1e-9 * scale
+    narrow_inertia = inertia(h_narrow, tol)
+    assert sum(narrow_inertia) == 39
+    for layer, neuron, alpha in [(0, 2, 0.3), (1, 0, 0.6), (1, 1, 1.0), (0, 0, -0.5)]:
+        wide = split_neuron(model, layer, neuron, alpha)
+        h = hessian(risk(wide, x, y))(flat(wide))
+        column = model[2 * layer + 2].weight[:, neuron].detach()
+        t = _null_direction(wide, layer, neuron, column)
+        assert (h @ t).abs().max() <= 1e-12 * t.norm()
+        wide_inertia = inertia(h, tol)
+        assert sum(wide_inertia) == h.shape[0]
+        assert all(w >= n for w, n in zip(wide_inertia, narrow_inertia)), (narrow_inertia, wide_inertia)
+        assert wide_inertia[1] >= narrow_inertia[1] + 1
+
+
+def test_split_rejects_bad_arguments():
+    model = mlp([3, 4, 2])
+    with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 0\]"):
+        split_neuron(model, 1, 0, 0.5)
+    with pytest.raises(ValueError, match=r"neuron must be an integer in \[0, 3\]"):
+        split_neuron(model, 0, 4, 0.5)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        split_neuron(model, 0, 0, torch.tensor([0.5, math.nan], dtype=DT))
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        split_neuron(model, 0, 0, math.inf)
+    with pytest.raises(ValueError, match="2 entries"):
+        split_neuron(model, 0, 0, torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match="single Linear"):
+        split_neuron(nn.Linear(3, 2), 0, 0, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------- architectures
+
+
+class Wrapped(nn.Module):
+    """LightningModule-like: the MLP lives in ``net``; forward preprocesses its input."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.loss = nn.MSELoss()  # parameter-free extras are fine
+
+    def forward(self, x):
+        return self.net(2.0 * x)
+
+
+def test_mlp_structure_nested_and_wrapped():
+    inner = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Dropout(0.1))
+    net = nn.Sequential(nn.Flatten(), inner, nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Linear(4, 2), nn.Softmax(-1))
+    s = mlp_structure(Wrapped(net))
+    assert s.names == ["net.1.0", "net.2.0", "net.3"]
+    assert s.widths == [3, 5, 4, 2]
+    assert s.homogeneous == [True, False]
+    assert s.prefix == "net" and s.container is net
+    assert [type(m) for m in s.activations[0]] == [nn.ReLU, nn.Dropout]
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (nn.Conv1d(2, 3, 1), "cannot find an MLP"),
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), "BatchNorm1d"),
+        (nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)), "PReLU"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)), "expects 5 inputs"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Softmax(-1), nn.Linear(4, 2)), "Softmax"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Flatten(), nn.Linear(4, 2)), "Flatten"),
+        (nn.Sequential(nn.ReLU()), "no nn.Linear"),
+    ],
+)
+def test_unsupported_architectures(model, match):
+    with pytest.raises(UnsupportedArchitectureError, match=match):
+        mlp_structure(model)
+    assert issubclass(UnsupportedArchitectureError, ValueError)
+
+
+def test_unsupported_custom_forward_and_extra_parameters():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    with pytest.raises(UnsupportedArchitectureError, match="cannot find an MLP in Custom"):
+        condensation(Custom())
+    extra = Wrapped(mlp([3, 4, 2]))
+    extra.head = nn.Linear(2, 2)
+    with pytest.raises(UnsupportedArchitectureError, match="outside its 'net'"):
+        condensation_report(extra)
+
+
+# ------------------------------------------------------------------------------------------------------ condensation
+
+
+def _planted(act=nn.Tanh, seed=6):
+    """[3, 4, 3, 2] narrow net split four times; returns (narrow, wide, planted clusters per layer)."""
+    narrow = mlp([3, 4, 3, 2], act=act, seed=seed)
+    wide = split_neuron(narrow, 0, 1, 0.3)  # layer 0: neuron 4 copies 1
+    wide = split_neuron(wide, 0, 4, -0.8)  # layer 0: neuron 5 copies 4 (= 1)
+    wide = split_neuron(wide, 1, 2, 1.7)  # layer 1: neuron 3 copies 2
+    wide = split_neuron(wide, 0, 0, 0.5)  # layer 0: neuron 6 copies 0
+    planted = [[[0, 6], [1, 4, 5], [2], [3]], [[0], [1], [2, 3]]]
+    return narrow, wide, planted
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU])
+def test_condensation_recovers_planted_clusters_and_merging_inverts_the_splits(act):
+    narrow, wide, planted = _planted(act)
+    layers = condensation(wide, tol=1e-8)
+    assert [entry.clusters for entry in layers] == planted
+    assert [(e.layer, e.width, e.effective_width) for e in layers] == [(0, 7, 4), (1, 4, 3)]
+    assert [e.name for e in layers] == ["0", "2"]
+    assert [e.by_direction for e in layers] == [act is nn.ReLU] * 2
+    assert predicted_extra_zero_eigenvalues(layers) == 4
+    merged = merge_condensed(wide, layers)
+    assert names_shapes(merged) == names_shapes(narrow)
+    assert torch.allclose(flat(merged), flat(narrow), rtol=0, atol=1e-14)
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(7), dtype=DT)
+    assert (merged(x) - wide(x)).abs().max() <= 1e-12
+    # a generic network does not condense
+    assert [e.effective_width for e in condensation(narrow)] == [4, 3]
+
+
+def test_relu_condensation_groups_positive_multiples_only():
+    narrow = mlp([3, 4, 2], act=nn.ReLU, seed=8)
+    wide = split_neuron(narrow, 0, 2, 0.4)
+    with torch.no_grad():  # neuron 4 := 3 x neuron 2 with its outgoing column / 3: same function (ReLU homogeneity)
+        wide[0].weight[4] *= 3.0
+        wide[0].bias[4] *= 3.0
+        wide[2].weight[:, 4] /= 3.0
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(9), dtype=DT)
+    assert (wide(x) - narrow(x)).abs().max() <= 1e-12
+    layers = condensation(wide, tol=1e-8)
+    assert layers[0].clusters == [[0], [1], [2, 4], [3]]
+    assert (merge_condensed(wide, layers)(x) - wide(x)).abs().max() <= 1e-12
+    # the same weights under tanh are not copies: grouped by distance, nothing merges
+    as_tanh = nn.Sequential(wide[0], nn.Tanh(), wide[2])
+    assert condensation(as_tanh, tol=1e-8)[0].effective_width == 5
+    # anti-parallel ReLU units compute different functions
+    with torch.no_grad():
+        wide[0].weight[4] *= -1.0
+        wide[0].bias[4] *= -1.0
+    assert condensation(wide, tol=1e-8)[0].effective_width == 5
+
+
+def test_relu_dead_neurons_form_their_own_cluster():
+    model = mlp([3, 5, 2], act=nn.ReLU, seed=10)
+    with torch.no_grad():
+        model[0].weight[[1, 3]] = 0.0
+        model[0].bias[[1, 3]] = 0.0
+    layers = condensation(model, tol=1e-6)
+    assert layers[0].clusters == [[0], [1, 3], [2], [4]]
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(11), dtype=DT)
+    assert (merge_condensed(model, layers)(x) - model(x)).abs().max() <= 1e-14
+
+
+def test_tolerance_semantics_and_leader_clustering():
+    model = mlp([2, 4, 1], seed=12)
+    with torch.no_grad():
+        w = model[0].weight
+        b = model[0].bias
+        rows = torch.cat([w, b[:, None]], dim=1)
+        scale = rows.norm(dim=1).max()
+        direction = torch.tensor([1.0, 0.0, 0.0], dtype=DT)
+        rows[1] = rows[0] + 0.6e-3 * scale * direction  # 0.6 tol from neuron 0
+        rows[2] = rows[0] + 1.2e-3 * scale * direction  # 1.2 tol from neuron 0, 0.6 tol from neuron 1
+        scale = rows.norm(dim=1).max()  # the relative scale may have moved: recompute the distances
+        w.copy_(rows[:, :2])
+        b.copy_(rows[:, 2])
+    d01 = ((rows[1] - rows[0]).norm() / scale).item()
+    d02 = ((rows[2] - rows[0]).norm() / scale).item()
+    tol = (d01 + d02) / 2  # d01 <= tol < d02: 2 joins 1 by single linkage, but not leader 0
+    layers = condensation(model, tol=tol)
+    clusters = layers[0].clusters
+    assert clusters[0] == [0, 1] and [2] in clusters
+    assert sorted(k for c in clusters for k in c) == [0, 1, 2, 3]  # a partition
+    assert condensation(model, tol=tol) == layers  # deterministic
+    assert condensation(model, tol=0.5 * d01)[0].effective_width == 4
+    assert condensation(model, tol=1.01 * d02)[0].clusters[0] == [0, 1, 2]
+
+
+def test_condensation_rejects_bad_tolerance():
+    for tol in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="tol must be"):
+            condensation(mlp([2, 3, 1]), tol=tol)
+    assert condensation(nn.Linear(3, 2)) == []
+
+
+# -------------------------------------------------------------------------------------------- report and degeneracy
+
+
+def test_condensation_report_on_a_wrapped_model():
+    narrow, wide, _ = _planted(nn.Tanh)
+    model = Wrapped(wide)
+    x = torch.randn(25, 3, generator=torch.Generator().manual_seed(13), dtype=DT)
+    report = condensation_report(model, x, tol=1e-8)
+    assert isinstance(report, CondensationReport)
+    assert report.effective_widths == {"net.0": 4, "net.2": 3}
+    assert report.widths == {"net.0": 7, "net.2": 4}
+    assert report.predicted_zero_eigenvalues == 4
+    assert report.merge_output_error is not None and report.merge_output_error <= 1e-12
+    assert all(isinstance(e, LayerCondensation) for e in report.layers)
+    assert condensation_report(model).merge_output_error is None
+    # a wrong merge is detected: force neurons 0 and 1 of layer 0 together
+    bad = [
+        LayerCondensation(layer=0, width=7, effective_width=6, clusters=[[0, 1], [2], [3], [4], [5], [6]]),
+        LayerCondensation(layer=1, width=4, effective_width=4, clusters=[[0], [1], [2], [3]]),
+    ]
+    x2 = 2.0 * x
+    assert (merge_condensed(wide, bad)(x2) - wide(x2)).abs().max() > 1e-3
+
+
+def test_report_on_a_float32_model_in_training_mode():
+    model = Wrapped(nn.Sequential(nn.Linear(3, 6), nn.GELU(), nn.Dropout(0.5), nn.Linear(6, 2)))
+    model = Wrapped(split_neuron(model.net, 0, 3, 0.5))
+    model.train()
+    x = torch.randn(16, 3)
+    report = condensation_report(model, x, tol=1e-6)
+    assert report.effective_widths == {"net.0": 6}
+    assert report.merge_output_error <= 1e-6  # float32 weights, float64 comparison, dropout off (eval mode)
+    assert model.training and model.net[2].training  # modes restored
+
+
+def test_embedded_critical_point_has_the_predicted_extra_zero_eigenvalues(critical_setup):
+    model, x, y = critical_setup
+    wide = split_neuron(split_neuron(split_neuron(model, 0, 1, 0.3), 1, 0, 0.6), 0, 4, 0.5)
+    layers = condensation(wide, tol=1e-10)
+    extra = predicted_extra_zero_eigenvalues(layers)
+    assert extra == 3
+    h_narrow = hessian(risk(model, x, y))(flat(model))
+    h_wide = hessian(risk(wide, x, y))(flat(wide))
+    tol = 1e-9 * h_narrow.abs().max().item()
+    assert inertia(h_wide, tol)[1] >= inertia(h_narrow, tol)[1] + extra
