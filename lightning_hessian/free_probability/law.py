@@ -282,7 +282,8 @@ class JacobianLaw:
         # Chebyshev-like clustering at both edges, then x - a ~ t^gamma near the singular edge at zero.
         theta = np.linspace(0.0, np.pi, num_points + 1)[1:]
         t = 0.5 * (1.0 - np.cos(theta))
-        tmin = (1e-280) ** (1.0 / gamma)
+        # the grid starts at a + 1e-30 (b - a): below, the law has mass ~ (1e-30)^(1/gamma) per unit of t
+        tmin = (1e-30) ** (1.0 / gamma)
         t = np.maximum(t, tmin)
         return a + (b - a) * t**gamma
 
@@ -318,45 +319,50 @@ class JacobianLaw:
         flat = q.ravel()
         atom = self.atom_at_zero
         a, b = self.support
-        grid = self.spectrum(128)
-        xs = np.concatenate([[a], grid.x])
-        fs = np.concatenate([[0.0], (grid.cdf - atom) / (1.0 - atom)])
-        if np.any(~np.isfinite(fs)):
-            fs = np.where(np.isfinite(fs), fs, np.nan)
+        x_grid = self._grid(64)
+        res = self._solve_real(x_grid)
+        f_grid = np.clip(self.m_inverse.cdf_from_m(res.m), 0.0, 1.0)
+        f_grid[-1] = 1.0
+        xs = np.concatenate([[a], x_grid])
+        ms = np.concatenate([[np.nan + 0j], res.m])
+        fs = np.concatenate([[0.0], (f_grid - atom) / (1.0 - atom)])
         fs = np.fmax.accumulate(np.nan_to_num(fs, nan=-1.0))
-        out = np.empty(flat.size)
+        out = np.full(flat.size, np.nan)
         idx = np.clip(np.searchsorted(fs, flat, side="left"), 1, xs.size - 1)
         lo_x, hi_x = xs[idx - 1].copy(), xs[idx].copy()
+        lo_m, hi_m = ms[idx - 1].copy(), ms[idx].copy()
         lo_f, hi_f = fs[idx - 1] - flat, fs[idx] - flat
-        exact_lo = lo_f >= 0
-        out[exact_lo] = lo_x[exact_lo]
-        todo = np.nonzero(~exact_lo & (hi_f > 0))[0]
-        out[~exact_lo & (hi_f <= 0)] = hi_x[~exact_lo & (hi_f <= 0)]
+        at_lo = lo_f >= 0
+        out[at_lo] = lo_x[at_lo]
+        at_hi = ~at_lo & (hi_f <= 0)
+        out[at_hi] = hi_x[at_hi]
+        todo = np.nonzero(~at_lo & ~at_hi)[0]
         side = np.zeros(flat.size, dtype=int)
-        for _ in range(100):
+        for _ in range(200):
             if todo.size == 0:
                 break
-            # Illinois (modified regula falsi) step in x, safeguarded by bisection.
+            # Illinois (modified regula falsi) step in x, safeguarded by (geometric) bisection.
             xl, xh, fl, fh = lo_x[todo], hi_x[todo], lo_f[todo], hi_f[todo]
             x_new = xh - fh * (xh - xl) / (fh - fl)
             bad = ~np.isfinite(x_new) | (x_new <= xl) | (x_new >= xh)
             x_new[bad] = 0.5 * (xl[bad] + xh[bad])
-            if a == 0.0:
-                # geometric bisection when the bracket spans orders of magnitude (singular edge at zero)
-                wide = (xl > 0) & (xh > 1e3 * xl)
-                x_new[wide] = np.sqrt(xl[wide] * xh[wide])
-            res = self._solve_real(x_new)
+            wide = (xh > 1e3 * xl) | (xl <= 0)
+            x_new[wide] = np.sqrt(np.maximum(xl[wide], 1e-300 * xh[wide]) * xh[wide])
+            # continue from the bracket end closest (in log scale) to the new point
+            use_lo = np.isfinite(lo_m[todo]) & (np.abs(np.log(x_new / np.maximum(xl, 1e-300))) < np.log(xh / x_new))
+            m_proxy = np.where(use_lo, lo_m[todo], hi_m[todo])
+            x_proxy = np.where(use_lo, xl, xh)
+            res = self.solve(x_new * (1.0 + 1j * _Y_REL), start=(x_proxy * (1.0 + 1j * _Y_REL), m_proxy))
             f_new = np.clip(self.m_inverse.cdf_from_m(res.m), 0.0, 1.0)
             f_new = (f_new - atom) / (1.0 - atom) - flat[todo]
             failed = ~res.certified
-            if np.any(failed):
-                out[todo[failed]] = np.nan
+            out[todo[failed]] = np.nan
             ok = ~failed
-            t_ok, x_ok, f_ok = todo[ok], x_new[ok], f_new[ok]
+            t_ok, x_ok, f_ok, m_ok = todo[ok], x_new[ok], f_new[ok], res.m[ok]
             up = f_ok < 0
             t_up, t_dn = t_ok[up], t_ok[~up]
-            lo_x[t_up], lo_f[t_up] = x_ok[up], f_ok[up]
-            hi_x[t_dn], hi_f[t_dn] = x_ok[~up], f_ok[~up]
+            lo_x[t_up], lo_f[t_up], lo_m[t_up] = x_ok[up], f_ok[up], m_ok[up]
+            hi_x[t_dn], hi_f[t_dn], hi_m[t_dn] = x_ok[~up], f_ok[~up], m_ok[~up]
             # Illinois: halve the stale end when the same side moves twice
             same_up = t_up[side[t_up] == 1]
             hi_f[same_up] *= 0.5
@@ -364,7 +370,7 @@ class JacobianLaw:
             lo_f[same_dn] *= 0.5
             side[t_up], side[t_dn] = 1, -1
             out[t_ok] = x_ok
-            converged = (np.abs(f_ok) <= tol) | ((hi_x[t_ok] - lo_x[t_ok]) <= 1e-14 * hi_x[t_ok])
+            converged = (np.abs(f_ok) <= tol) | ((hi_x[t_ok] - lo_x[t_ok]) <= 1e-13 * hi_x[t_ok])
             todo = t_ok[~converged]
         return out.reshape(q.shape)
 

@@ -251,6 +251,7 @@ def solve(
     stride: int = 16,
     max_tests: int = 4000,
     record: bool = False,
+    start: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LilypadResult:
     """Certified :math:`M(z)` at every target ``z`` (upper half-plane), vectorised.
 
@@ -262,6 +263,8 @@ def solve(
         stride: coarse spacing of the continuation (a power of two).
         max_tests: Kantorovich tests allowed per target and path.
         record: keep ``(z, m_start, h)`` of every accepted step in ``result.record``.
+        start: optional certified proxies ``(z0, m0)``, one per target, with ``m0 = M(z0)`` from an earlier solve
+            (``nan`` entries start from scratch): each target is reached by a certified path from its proxy.
 
     Returns:
         A :class:`LilypadResult` (flattened, in input order).
@@ -280,11 +283,17 @@ def solve(
     if stride < 1 or stride & (stride - 1):
         raise ValueError(f"stride must be a power of two >= 1, got {stride!r}")
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        return _solve(poly, z, continuation, stride, max_tests, record)
+        return _solve(poly, z, continuation, stride, max_tests, record, start)
 
 
 def _solve(
-    poly: MInverse, z: np.ndarray, continuation: bool, stride: int, max_tests: int, record: bool
+    poly: MInverse,
+    z: np.ndarray,
+    continuation: bool,
+    stride: int,
+    max_tests: int,
+    record: bool,
+    start: tuple[np.ndarray, np.ndarray] | None,
 ) -> LilypadResult:
     n = z.size
     st = _State(
@@ -303,7 +312,16 @@ def _solve(
         good = np.nonzero(alive)[0]
         st.ok[idx[good]] = _homotopy(poly, z, z0[good], m0[good], st, idx[good], rec, max_tests)
 
-    if not continuation or n <= 2:
+    if start is not None:
+        z0 = np.asarray(start[0], dtype=complex).ravel()
+        m0 = np.asarray(start[1], dtype=complex).ravel()
+        if z0.shape != z.shape or m0.shape != z.shape:
+            raise ValueError(f"start must hold one (z0, m0) pair per target ({n}), got {z0.shape} and {m0.shape}")
+        have = np.nonzero(np.isfinite(m0) & (z0.imag > 0))[0]
+        if have.size:
+            st.ok[have] = _homotopy(poly, z, z0[have], m0[have], st, have, rec, max_tests)
+        from_scratch(np.nonzero(~st.ok)[0])
+    elif not continuation or n <= 2:
         from_scratch(np.arange(n))
     else:
         order = np.argsort(z.real, kind="stable")
