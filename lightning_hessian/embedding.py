@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -369,24 +370,50 @@ def _incoming(linear: nn.Linear) -> Tensor:
     return torch.cat([weight, linear.bias.detach().to(torch.float64).reshape(-1, 1)], dim=1)
 
 
+def _pairs_within(points: Tensor, radius: float, block: int = 1024) -> Tensor:
+    """Boolean ``(m, m)`` matrix of the pairs ``j < k`` with ``||points[j] - points[k]|| <= radius``.
+
+    Candidates come from Gram-matrix distances (fast, but inexact for nearly equal points); every candidate within a
+    safety margin of the radius is then re-checked with an exact difference, so exact copies have distance 0.
+    """
+    m, dim = points.shape
+    squares = (points * points).sum(dim=1)
+    margin = 64 * (dim + 1) * torch.finfo(points.dtype).eps * float(squares.max())
+    within = torch.zeros(m, m, dtype=torch.bool)
+    for start in range(0, m, block):
+        rows = slice(start, min(start + block, m))
+        approx = squares[rows, None] + squares[None, :] - 2 * points[rows] @ points.T
+        candidates = (approx <= radius * radius + margin).cpu()
+        candidates &= torch.arange(m)[None, :] > torch.arange(start, rows.stop)[:, None]  # j < k, as (row j, col k)
+        first, second = candidates.nonzero(as_tuple=True)
+        first = first + start
+        for chunk in range(0, first.numel(), 4096):
+            j, k = first[chunk : chunk + 4096], second[chunk : chunk + 4096]
+            exact = torch.linalg.vector_norm(points[j] - points[k], dim=1).cpu() <= radius
+            within[j[exact], k[exact]] = True
+    return within
+
+
 def _leader_clusters(points: Tensor, radius: float, active: Tensor) -> list[list[int]]:
-    """Greedy leader clustering: each point joins the first cluster whose leader is within ``radius``."""
-    leaders: list[int] = []
-    clusters: list[list[int]] = []
-    inactive = [k for k in range(points.shape[0]) if not bool(active[k])]
+    """Greedy leader clustering: in index order, each point joins the first leader within ``radius``, else leads."""
+    within = _pairs_within(points, radius).numpy()
+    active_flags = active.cpu().numpy()
+    is_leader = np.zeros(points.shape[0], dtype=bool)
+    clusters: dict[int, list[int]] = {}
     for k in range(points.shape[0]):
-        if not bool(active[k]):
+        if not active_flags[k]:
             continue
-        for leader, members in zip(leaders, clusters):
-            if float(torch.linalg.vector_norm(points[k] - points[leader])) <= radius:
-                members.append(k)
-                break
+        leaders = np.flatnonzero(within[:k, k] & is_leader[:k])
+        if leaders.size:
+            clusters[int(leaders[0])].append(k)
         else:
-            leaders.append(k)
-            clusters.append([k])
+            is_leader[k] = True
+            clusters[k] = [k]
+    out = list(clusters.values())
+    inactive = np.flatnonzero(~active_flags).tolist()
     if inactive:
-        clusters.append(inactive)
-    return sorted(clusters, key=lambda members: members[0])
+        out.append(inactive)
+    return sorted(out, key=lambda members: members[0])
 
 
 def _layer_clusters(rows: Tensor, by_direction: bool, tol: float) -> list[list[int]]:

@@ -402,3 +402,42 @@ def test_embedded_critical_point_has_the_predicted_extra_zero_eigenvalues(critic
     h_wide = hessian(risk(wide, x, y))(flat(wide))
     tol = 1e-9 * h_narrow.abs().max().item()
     assert inertia(h_wide, tol)[1] >= inertia(h_narrow, tol)[1] + extra
+
+
+def test_split_and_merge_a_wrapped_model():
+    model = Wrapped(mlp([3, 4, 2], act=nn.ReLU, seed=14))
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(15), dtype=DT)
+    wide = split_neuron(model, 0, 2, 0.4)
+    assert isinstance(wide, Wrapped) and wide is not model and wide.net[0].out_features == 5
+    assert model.net[0].out_features == 4  # untouched
+    assert (wide(x) - model(x)).abs().max() <= 1e-12
+    narrow = merge_condensed(wide, tol=1e-10)
+    assert narrow.net[0].out_features == 4 and (narrow(x) - model(x)).abs().max() <= 1e-12
+
+
+def test_report_needs_a_forward_that_runs_the_mlp():
+    class Bypass(Wrapped):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(UnsupportedArchitectureError, match="never calls"):
+        condensation_report(Bypass(mlp([3, 4, 2])), torch.randn(2, 3, dtype=DT))
+
+
+def test_condensation_of_a_wide_layer_separates_near_copies():
+    # more neurons than one block of the pairwise search (1024); Gram distances are re-checked exactly
+    torch.manual_seed(16)
+    layer = nn.Linear(20, 1100).to(DT)
+    with torch.no_grad():
+        layer.weight[1050] = layer.weight[3]
+        layer.bias[1050] = layer.bias[3]
+        layer.weight[1099] = layer.weight[1030]
+        layer.bias[1099] = layer.bias[1030]
+        layer.weight[1060] = layer.weight[7] + 1e-9  # close, but not a copy
+        layer.bias[1060] = layer.bias[7]
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(1100, 2).to(DT))
+    result = condensation(model, tol=1e-12)[0]
+    assert result.effective_width == 1098
+    merged = [c for c in result.clusters if len(c) > 1]
+    assert merged == [[3, 1050], [1030, 1099]]
+    assert condensation(model, tol=1e-6)[0].effective_width == 1097  # now 7 and 1060 merge too
