@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_hessian.free_probability import JacobianLaw, UncertifiedPointWarning, UnsupportedArchitectureError
 
+
 @pytest.fixture(autouse=True)
 def single_thread():
     """Dense linear algebra on one thread: multi-threaded BLAS spin-waits badly on an oversubscribed 2-core box."""
@@ -20,7 +21,7 @@ def single_thread():
 
 
 PHI = {
-    "linear": (lambda h: h, lambda h: np.ones_like(h)),
+    "linear": (lambda h: h, np.ones_like),
     "relu": (lambda h: np.maximum(h, 0), lambda h: (h > 0).astype(float)),
     "hard_tanh": (lambda h: np.clip(h, -1, 1), lambda h: (np.abs(h) < 1).astype(float)),
     "tanh": (np.tanh, lambda h: 1 - np.tanh(h) ** 2),

@@ -25,7 +25,9 @@ def fuss_catalan(L, n):
 
 def narayana_moments(rate, jump, n):
     # free Poisson: m_k = jump^k sum_j N(k, j) rate^j, N(k, j) = C(k, j) C(k, j-1) / k
-    return np.array([jump**k * sum(comb(k, j) * comb(k, j - 1) / k * rate**j for j in range(1, k + 1)) for k in range(1, n + 1)])
+    return np.array(
+        [jump**k * sum(comb(k, j) * comb(k, j - 1) / k * rate**j for j in range(1, k + 1)) for k in range(1, n + 1)]
+    )
 
 
 @pytest.mark.parametrize("L", [1, 2, 3, 5])

@@ -43,6 +43,7 @@ __all__ = [
     "RationalLaw",
     "bernoulli_law",
     "free_poisson_law",
+    "free_poisson_power_law",
     "point_mass_law",
     "s_bernoulli",
     "s_free_poisson",
@@ -157,6 +158,23 @@ def free_poisson_law(rate: float, jump: float = 1.0) -> RationalLaw:
     if not jump > 0:
         raise ValueError(f"free Poisson jump must be positive, got {jump!r}")
     return RationalLaw(scale=float(jump), roots=(-1.0, -float(rate)), name=f"free_poisson(r={rate:.4g}, a={jump:.4g})")
+
+
+def free_poisson_power_law(rate: float, jump: float, power: int) -> RationalLaw:
+    r"""Free multiplicative power :math:`\pi_{r,\alpha}^{\boxtimes k}` of a free Poisson law.
+
+    :math:`S(u) = \alpha^{-k} (u + r)^{-k}`, i.e. :math:`(1+u)/S = \alpha^k (1 + u)(u + r)^k`; mean
+    :math:`(\alpha r)^k`, relative variance :math:`k/r` (relative variances add under :math:`\boxtimes`), no atom when
+    :math:`r \ge 1`.
+    """
+    if not (isinstance(power, int) and power >= 1):
+        raise ValueError(f"power must be a positive int, got {power!r}")
+    base = free_poisson_law(rate, jump)
+    return RationalLaw(
+        scale=float(jump) ** power,
+        roots=(-1.0,) + (-float(rate),) * power,
+        name=f"free_poisson(r={rate:.4g}, a={jump:.4g})^{power}" if power > 1 else base.name,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
