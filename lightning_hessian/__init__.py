@@ -8,6 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# embedding principle (Zhang et al. 2021)
+from lightning_hessian.embedding import (
+    CondensationReport,
+    LayerCondensation,
+    UnsupportedArchitectureError,
+    condensation,
+    condensation_report,
+    merge_condensed,
+    mlp_structure,
+    predicted_extra_zero_eigenvalues,
+    split_neuron,
+)
+
 # functional API on a plain nn.Module
 from lightning_hessian.functional import ConvergenceWarning, hessian_eigenvalues
 
@@ -26,6 +39,16 @@ from lightning_hessian.operators import HessianOperator
 
 # power-law statistics (Xie et al. 2022)
 from lightning_hessian.powerlaw import PowerLawFit, fit_power_law, ks_critical_value, spectral_gap
+
+# Hessian rank (Singh, Bachmann & Hofmann 2021)
+from lightning_hessian.rank import (
+    HessianRank,
+    NearZeroEstimate,
+    dense_hessian_parts,
+    linear_hessian_rank,
+    near_zero_fraction,
+    numerical_hessian_rank,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_hessian.callback import HessianSpectrum
@@ -52,6 +75,23 @@ __all__ = [
     "fit_power_law",
     "ks_critical_value",
     "spectral_gap",
+    # Hessian rank
+    "HessianRank",
+    "NearZeroEstimate",
+    "dense_hessian_parts",
+    "linear_hessian_rank",
+    "near_zero_fraction",
+    "numerical_hessian_rank",
+    # embedding principle
+    "CondensationReport",
+    "LayerCondensation",
+    "UnsupportedArchitectureError",
+    "condensation",
+    "condensation_report",
+    "merge_condensed",
+    "mlp_structure",
+    "predicted_extra_zero_eigenvalues",
+    "split_neuron",
 ]
 
 
