@@ -35,6 +35,8 @@ _FUNCTION_ACTIVATIONS = {
     F.gelu: "gelu",
     torch.erf: "erf",
     torch.special.erf: "erf",
+    "relu": "relu",  # tensor methods x.relu(), x.tanh()
+    "tanh": "tanh",
 }
 _SKIPPED = (nn.Dropout, nn.Identity)
 
@@ -107,8 +109,10 @@ def _ops_from_fx(module: nn.Module) -> list[object]:
             elif node.target in (torch.flatten, "flatten", "view", "reshape") and not ops:
                 ops.append(nn.Flatten())
             else:
+                target = getattr(node.target, "__name__", node.target)
                 raise UnsupportedArchitectureError(
-                    f"{type(module).__name__} uses {node.target!r}, which the Jacobian law cannot model"
+                    f"{type(module).__name__} uses {target!r}, which the Jacobian law cannot model"
+                    " (supported: Linear layers with relu, tanh, hard_tanh, erf, gelu, silu)"
                 )
         else:
             raise UnsupportedArchitectureError(f"{type(module).__name__}: unsupported graph node {node.op!r}")
