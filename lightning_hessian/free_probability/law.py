@@ -346,10 +346,13 @@ class JacobianLaw:
             x_new = xh - fh * (xh - xl) / (fh - fl)
             bad = ~np.isfinite(x_new) | (x_new <= xl) | (x_new >= xh)
             x_new[bad] = 0.5 * (xl[bad] + xh[bad])
-            wide = (xh > 1e3 * xl) | (xl <= 0)
-            x_new[wide] = np.sqrt(np.maximum(xl[wide], 1e-300 * xh[wide]) * xh[wide])
+            wide = (xh > 1e3 * xl) & (xl > 0)
+            x_new[wide] = np.sqrt(xl[wide] * xh[wide])
+            x_new[xl <= 0] = 1e-3 * xh[xl <= 0]  # below the grid: step down by decades
             # continue from the bracket end closest (in log scale) to the new point
-            use_lo = np.isfinite(lo_m[todo]) & (np.abs(np.log(x_new / np.maximum(xl, 1e-300))) < np.log(xh / x_new))
+            with np.errstate(divide="ignore"):
+                closer = np.log(x_new / np.maximum(xl, 1e-300)) < np.log(xh / x_new)
+            use_lo = np.isfinite(lo_m[todo]) & (xl > 0) & closer
             m_proxy = np.where(use_lo, lo_m[todo], hi_m[todo])
             x_proxy = np.where(use_lo, xl, xh)
             res = self.solve(x_new * (1.0 + 1j * _Y_REL), start=(x_proxy * (1.0 + 1j * _Y_REL), m_proxy))
