@@ -261,3 +261,16 @@ def test_density_errors_and_uncertified_warning():
     assert not res.certified[0]
     with pytest.warns(UncertifiedPointWarning):
         deep._warn(res)
+
+
+@pytest.mark.parametrize(("acts", "atom"), [("linear", 0.0), ("relu", 0.5)])
+def test_deep_singular_laws_are_resolved_near_zero(acts, atom):
+    # depth 30: the density behaves like x^(-L/(L+1)) near 0, the low deciles are astronomically small
+    law = JacobianLaw([100] * 31, 2.0 if acts == "relu" else 1.0, acts)
+    assert law.atom_at_zero == pytest.approx(atom)
+    levels = np.array([0.1, 0.5, 0.9])
+    q = law.quantiles(levels)
+    assert np.all(np.isfinite(q)) and q[0] < 1e-20
+    np.testing.assert_allclose((law.cdf(q) - atom) / (1 - atom), levels, atol=1e-8)
+    grid = law.spectrum(256)
+    assert np.all(np.isfinite(grid.density)) and grid.x[0] < 1e-25
