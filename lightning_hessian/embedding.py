@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_hessian.errors import UnsupportedArchitectureError
+
 from .operators import evaluation_mode
 
 __all__ = [
@@ -84,10 +86,6 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (
 # Allowed after the last Linear only (they act on the output, which embeddings preserve exactly).
 _OUTPUT_ONLY: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax)
 _CONTAINER_ATTRIBUTES = ("net", "model")
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The module is not an MLP of ``nn.Linear`` layers and element-wise activations that this module can analyse."""
 
 
 @dataclass(frozen=True)

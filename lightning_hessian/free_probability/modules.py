@@ -14,11 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
+from lightning_hessian.errors import UnsupportedArchitectureError
+
 __all__ = ["MLPSpec", "UnsupportedArchitectureError", "read_mlp", "module_layers"]
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The module is not a chain of ``Linear`` layers with supported elementwise activations."""
 
 
 _MODULE_ACTIVATIONS: dict[type, str] = {
