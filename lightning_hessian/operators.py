@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-__all__ = ["HessianOperator", "LossFn", "batch_size", "cast_batch", "distributed_sum", "world_info"]
+__all__ = ["HessianOperator", "LossFn", "LossModule", "batch_size", "cast_batch", "distributed_sum", "world_info"]
 
 
 def batch_size(batch: Any) -> int:
@@ -117,8 +117,11 @@ def distributed_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
-class _LossModule(nn.Module):
-    """Wraps ``loss_fn(model, batch)`` so that ``functional_call`` can substitute the model's tensors."""
+class LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can substitute the model's tensors.
+
+    Its state-dict keys are the model's with the prefix ``model.``.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
@@ -126,6 +129,7 @@ class _LossModule(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: Any) -> Tensor:
+        """The mean loss of ``batch``."""
         return self.loss_fn(self.model, batch)
 
 
@@ -203,7 +207,7 @@ class HessianOperator:
         self.param_shapes = [p.shape for _, p in named]
         self.num_params = sum(p.numel() for _, p in named)
         self.num_products = 0
-        self._wrapper = _LossModule(model, loss_fn)
+        self._wrapper = LossModule(model, loss_fn)
         self._batches = [cast_batch(b, dtype=dtype) for b in batches]
         counts = torch.tensor([batch_size(b) for b in self._batches] or [0], dtype=torch.float64)
         self._local_counts = counts

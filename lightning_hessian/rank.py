@@ -45,7 +45,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from .lanczos import MatVec, stochastic_lanczos_quadrature
-from .operators import LossFn, batch_size, cast_batch, evaluation_mode
+from .operators import LossFn, LossModule, batch_size, cast_batch, evaluation_mode
 
 __all__ = [
     "DEFAULT_MAX_PARAMS",
@@ -196,18 +196,6 @@ def matrix_rank_tolerance(scale: float, n: int, *, rtol: float | None = None) ->
 # Dense float64 Hessians of an opaque loss_fn(model, batch)
 
 
-class _LossCall(nn.Module):
-    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can substitute the model's tensors."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
-
-
 class _Linearised(nn.Module):
     r"""The model linearised at :math:`\theta_0`: :math:`x \mapsto f(\theta_0, x) + J(\theta_0, x)\,\delta`.
 
@@ -338,14 +326,14 @@ def dense_hessian_parts(
             )
         return value.reshape(())
 
-    wrapper = _LossCall(model, loss_fn)
+    wrapper = LossModule(model, loss_fn)
 
     def full_loss(flat: Tensor) -> Tensor:
         params = {f"model.{k}": v for k, v in {**constants, **unflatten(flat)}.items()}
         return sum(n * checked(functional_call(wrapper, params, (b,))) for n, b in zip(counts, batches)) / total
 
     linear = _Linearised(model, unflatten(theta0), constants)
-    linear_wrapper = _LossCall(linear, loss_fn)
+    linear_wrapper = LossModule(linear, loss_fn)
 
     def linearised_loss(delta: Tensor) -> Tensor:
         linear.delta = unflatten(delta)

@@ -8,16 +8,7 @@ from torch import nn
 
 from lightning_hessian.free_probability import JacobianLaw, UncertifiedPointWarning, UnsupportedArchitectureError
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Dense linear algebra on one thread: multi-threaded BLAS spin-waits badly on an oversubscribed 2-core box."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(1):
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PHI = {

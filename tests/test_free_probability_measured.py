@@ -11,15 +11,7 @@ from lightning_hessian.free_probability.measured import (
     law_distance,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(1):
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def dense_reference(net, x):
