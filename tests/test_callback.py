@@ -520,3 +520,20 @@ def test_lightning_cli_yaml_config(tmp_path):
     config.write_text(config.read_text().replace("dtype: float64", "dtype: float16"))
     with pytest.raises(SystemExit):
         LightningCLI(Net, run=False, args=["--config", str(config)], save_config_callback=None)
+
+
+def test_time_budget_fails_the_probe_and_progress_is_two_lines(tmp_path, caplog):
+    import logging
+
+    data = make_data(n=24)
+    cb = HessianSpectrum(top_k=5, probe_samples=24, max_seconds=1e-9, **QUIET)
+    with pytest.warns(UserWarning, match="max_seconds"):
+        trainer(tmp_path, [cb]).fit(Net(), DataLoader(data, batch_size=8))
+    assert math.isnan(cb.history[0]["metrics"]["hessian/lambda_max"])
+
+    cb = HessianSpectrum(top_k=5, probe_samples=24, **QUIET)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [cb], max_epochs=2).fit(Net(), DataLoader(data, batch_size=8))
+    lines = [r.getMessage() for r in caplog.records if "HessianSpectrum[hessian]" in r.getMessage()]
+    assert len(lines) == 4 and "full probe started" in lines[0] and "HVPs in" in lines[1]  # no per-HVP noise
