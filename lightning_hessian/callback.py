@@ -28,6 +28,10 @@ What a key holds (EarlyStopping reads ``trainer.callback_metrics``, which keeps 
 
 Every key the configuration computes is logged by the first probe, which runs on the first call of the hook, so an
 ``EarlyStopping(strict=True)`` finds its key at its first check when both run at the same hook.
+
+Overhead guard (``max_overhead``, default 0.25): scheduled probes beyond the first are skipped (keys stay stale, as on
+epochs without a probe) while the probes' cumulative time exceeds ``max_overhead`` times the training time, so the
+default overhead stays near 20% of the fit on any data set size; set ``max_overhead=None`` for the exact schedule.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
@@ -469,6 +474,11 @@ class HessianSpectrum(Callback):
             ``<prefix>/<module name>/powerlaw_beta`` of that parameter block's Hessian.
         nan_on_failure: on a failed probe log NaN (default) or nothing (monitors keep the last good value).
         tensorboard: write the TensorBoard extras when a TensorBoard logger is attached.
+        max_overhead: overhead guard. After the first probe (which always runs), a scheduled probe is skipped while the
+            probes' cumulative wall time exceeds ``max_overhead`` times the training time (everything between the
+            hooks), so probing costs at most about ``max_overhead / (1 + max_overhead)`` of the fit (20% by default)
+            whatever the data set size; a full probe that falls due waits for the budget. The decision is taken by
+            the slowest rank. ``None`` probes exactly on schedule (reproducible epochs).
 
     Raises:
         HessianConfigError: (a ``MisconfigurationException`` and ``ValueError``) for an invalid argument, naming the
@@ -507,6 +517,7 @@ class HessianSpectrum(Callback):
         per_layer: bool = False,
         nan_on_failure: bool = True,
         tensorboard: bool = True,
+        max_overhead: float | None = 0.25,
     ) -> None:
         _check_int("top_k", top_k, 3)
         _check_int("every_n_epochs", every_n_epochs, 1)
@@ -553,6 +564,10 @@ class HessianSpectrum(Callback):
         _check_int("density_steps", density_steps, 2)
         if probe_batch_size is not None:
             _check_int("probe_batch_size", probe_batch_size, 1, "or None")
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0
+        ):
+            raise HessianConfigError(f"max_overhead must be a positive number or None, got {max_overhead!r}.")
 
         self.top_k = top_k
         self.every_n_epochs = every_n_epochs
@@ -578,6 +593,7 @@ class HessianSpectrum(Callback):
         self.per_layer = per_layer
         self.nan_on_failure = nan_on_failure
         self.tensorboard = tensorboard
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
 
         critical = ks_critical_value(top_k, self.ks_level)
         if powerlaw_every_n_epochs is not None and critical >= RANDOM_INIT_KS_DISTANCE:
@@ -592,6 +608,10 @@ class HessianSpectrum(Callback):
         self.analyses: list[Analysis] = []
         self.history: list[dict[str, Any]] = []
         self._calls = 0
+        self._probe_seconds = 0.0
+        self._train_seconds = 0.0
+        self._last_hook_end: float | None = None
+        self._warned_overhead = False
         self._num_probes = 0
         self._vectors: Tensor | None = None
         self._probe: ProbeSet | None = None
@@ -610,6 +630,8 @@ class HessianSpectrum(Callback):
             "history": [dict(h) for h in self.history],
             "calls": self._calls,
             "num_probes": self._num_probes,
+            "probe_seconds": self._probe_seconds,
+            "train_seconds": self._train_seconds,
             "ritz_vectors": None if self._vectors is None else self._vectors.detach().to("cpu", torch.float32).clone(),
         }
 
@@ -618,6 +640,8 @@ class HessianSpectrum(Callback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._calls = int(state_dict.get("calls", 0))
         self._num_probes = int(state_dict.get("num_probes", 0))
+        self._probe_seconds = float(state_dict.get("probe_seconds", 0.0))
+        self._train_seconds = float(state_dict.get("train_seconds", 0.0))
         vectors = state_dict.get("ritz_vectors")
         self._vectors = None if vectors is None else vectors.clone()
 
@@ -635,6 +659,13 @@ class HessianSpectrum(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "validation_epoch_end" and (
+            not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0
+        ):
+            rank_zero_warn(
+                "HessianSpectrum(when='validation_epoch_end') never probes during fit: there is no validation loop "
+                "(no validation_step or limit_val_batches=0). Use when='train_epoch_end'."
+            )
         self._check_monitors(trainer)
         if self.tensorboard and not self._layout_written:
             writer = rp.find_tensorboard_writer(trainer)
@@ -642,6 +673,10 @@ class HessianSpectrum(Callback):
                 extra = self._per_layer_keys(pl_module) if self.per_layer else []
                 writer.add_custom_scalars(rp.custom_scalar_layout(self.prefix, extra))
                 self._layout_written = True
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_hook_end = time.perf_counter()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -655,18 +690,41 @@ class HessianSpectrum(Callback):
 
     # ------------------------------------------------------------------ probe
     def _on_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        now = time.perf_counter()
+        if self._last_hook_end is not None:
+            self._train_seconds += now - self._last_hook_end  # training time since the last hook, probes excluded
+        try:
+            self._maybe_probe(trainer, pl_module)
+        finally:
+            self._last_hook_end = time.perf_counter()
+
+    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         call = self._calls
         self._calls += 1
         if call % self.every_n_epochs:
             return
+        if self.max_overhead is not None and self._num_probes > 0:
+            over = self._probe_seconds > self.max_overhead * self._train_seconds
+            if _any_rank(over, pl_module.device):  # the slowest rank decides, so all ranks take the same path
+                if not self._warned_overhead:
+                    rank_zero_info(
+                        f"HessianSpectrum[{self.prefix}]: skipping probes to keep probe time <= max_overhead="
+                        f"{self.max_overhead} x training time ({self._probe_seconds:.1f} s of probes vs "
+                        f"{self._train_seconds:.1f} s of training); keys keep their last value. Set "
+                        "max_overhead=None to probe on schedule."
+                    )
+                    self._warned_overhead = True
+                return
         full_every = None
         if self.powerlaw_every_n_epochs is not None:
             full_every = self.powerlaw_every_n_epochs // self.every_n_epochs
         fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
         full = full_every is not None and (self._num_probes % full_every == 0 or not fitting)
         self._num_probes += 1
+        start = time.perf_counter()
         with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
             scalars, items = self._run_probe(trainer, pl_module, full)
+        self._probe_seconds += time.perf_counter() - start
         sync = _world_size() > 1
         rp.log_scalars(pl_module, scalars, sync_dist=sync)
         self.history.append({"epoch": trainer.current_epoch, "full": full, "metrics": dict(scalars)})
@@ -869,7 +927,7 @@ class HessianSpectrum(Callback):
             return int(trainer.global_step)
         return max(int(stepped) - 1, 0) if self.when == "train_epoch_end" else int(stepped)
 
-    def monitored_keys(self, pl_module: Any = None) -> list[str]:
+    def logged_keys(self, pl_module: Any = None) -> list[str]:
         """Every scalar key this configuration can log (for monitors and dashboards)."""
         keys = [self._key(n) for n in (rp.LAMBDA_MAX, rp.SPECTRAL_GAP, rp.SPECTRAL_GAP_RATIO, rp.SUBSPACE_OVERLAP)]
         keys += [self._key(rp.HVPS), self._key(rp.PROBE_SECONDS)]
@@ -879,7 +937,7 @@ class HessianSpectrum(Callback):
 
     def _check_monitors(self, trainer: pl.Trainer) -> None:
         """Warn when an EarlyStopping monitor of ours would check before the metric exists (or never gets it)."""
-        known = set(self.monitored_keys(trainer.lightning_module))
+        known = set(self.logged_keys(trainer.lightning_module))
         for callback in trainer.callbacks:
             if not isinstance(callback, EarlyStopping) or not str(callback.monitor).startswith(self.prefix + "/"):
                 continue

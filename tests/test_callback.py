@@ -96,7 +96,7 @@ def dense_hessian(model: Net, data: TensorDataset) -> torch.Tensor:
     return torch.func.hessian(loss)(flat)
 
 
-QUIET = dict(density=False, trace=False)
+QUIET = dict(density=False, trace=False, max_overhead=None)  # exact schedule: reproducible probe epochs
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -120,6 +120,7 @@ QUIET = dict(density=False, trace=False)
         (dict(tol=0.0), "tol"),
         (dict(density="yes"), "density"),
         (dict(probe_batch_size=0), "probe_batch_size"),
+        (dict(max_overhead=0.0), "max_overhead"),
     ],
 )
 def test_invalid_arguments_name_the_value(kwargs, fragment):
@@ -223,7 +224,8 @@ def _fit_weights(with_callback: bool, tmp_path) -> tuple[dict[str, torch.Tensor]
     pl.seed_everything(123, verbose=False)
     data = make_data(n=64)
     model = Net(dropout=0.3)
-    callbacks = [HessianSpectrum(top_k=8, probe_samples=40, seed=5, per_layer=True)] if with_callback else []
+    spectrum = HessianSpectrum(top_k=8, probe_samples=40, seed=5, per_layer=True, max_overhead=None)
+    callbacks = [spectrum] if with_callback else []
     t = trainer(tmp_path, callbacks, max_epochs=3)
     t.fit(model, DataLoader(data, batch_size=8, shuffle=True))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, float(t.callback_metrics["train_loss"])
@@ -365,6 +367,9 @@ def test_warns_when_early_stopping_checks_before_the_probe(tmp_path):
     t = trainer(tmp_path, [HessianSpectrum(top_k=5, probe_samples=16, **QUIET), es], max_epochs=1, limit_val_batches=1)
     with pytest.warns(UserWarning, match="checks at on_validation_end"):
         t.fit(Net(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    t = trainer(tmp_path, [HessianSpectrum(top_k=5, when="validation_epoch_end", **QUIET)], max_epochs=1)
+    with pytest.warns(UserWarning, match="never probes during fit"):
+        t.fit(Net(), DataLoader(data, batch_size=8))
     es = EarlyStopping(monitor="hessian/trace")
     t = trainer(tmp_path, [HessianSpectrum(top_k=5, probe_samples=16, **QUIET), es], max_epochs=1)
     with pytest.warns(UserWarning, match="never logs"), pytest.raises(RuntimeError, match="not available"):
@@ -418,6 +423,7 @@ def test_tensorboard_dashboard(tmp_path):
         density_probes=2,
         density_steps=10,
         trace_samples=4,
+        max_overhead=None,
     )
     t = trainer(tmp_path, [cb], max_epochs=3, logger=logger, log_every_n_steps=1)
     model = Net()
@@ -537,3 +543,20 @@ def test_time_budget_fails_the_probe_and_progress_is_two_lines(tmp_path, caplog)
         trainer(tmp_path, [cb], max_epochs=2).fit(Net(), DataLoader(data, batch_size=8))
     lines = [r.getMessage() for r in caplog.records if "HessianSpectrum[hessian]" in r.getMessage()]
     assert len(lines) == 4 and "full probe started" in lines[0] and "HVPs in" in lines[1]  # no per-HVP noise
+
+
+def test_overhead_guard_skips_probes_after_the_first(tmp_path, caplog):
+    import logging
+
+    data = make_data(n=24)
+    cb = HessianSpectrum(top_k=5, probe_samples=24, density=False, trace=False, max_overhead=1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [cb], max_epochs=3).fit(Net(), DataLoader(data, batch_size=8))
+    assert [h["epoch"] for h in cb.history] == [0]  # the first probe always runs, the rest exceed the budget
+    assert any("skipping probes" in r.getMessage() for r in caplog.records)
+    state = cb.state_dict()
+    assert state["probe_seconds"] > 0 and state["train_seconds"] > 0
+    cb = HessianSpectrum(top_k=5, probe_samples=24, density=False, trace=False, max_overhead=1e6)
+    trainer(tmp_path, [cb], max_epochs=3).fit(Net(), DataLoader(data, batch_size=8))
+    assert [h["epoch"] for h in cb.history] == [0, 1, 2]

@@ -65,7 +65,14 @@ def _data() -> TensorDataset:
 def _callback() -> HessianSpectrum:
     # probe_samples >= 31: each rank probes its whole strided shard (16 + 15 samples), the union is the data set
     return HessianSpectrum(
-        top_k=8, probe_samples=64, dtype="float64", tol=1e-10, num_tracked=3, trace_samples=4, density=False
+        top_k=8,
+        probe_samples=64,
+        dtype="float64",
+        tol=1e-10,
+        num_tracked=3,
+        trace_samples=4,
+        density=False,
+        max_overhead=None,
     )
 
 
