@@ -220,9 +220,23 @@ def test_warm_start_and_subspace_overlap_on_fixed_weights(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- no side effects
+class Augmented(torch.utils.data.Dataset):
+    """Random jitter on every read (draws from the global torch RNG, like a data augmentation)."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x + 0.05 * torch.randn_like(x), y
+
+
 def _fit_weights(with_callback: bool, tmp_path) -> tuple[dict[str, torch.Tensor], float]:
     pl.seed_everything(123, verbose=False)
-    data = make_data(n=64)
+    data = Augmented(make_data(n=64))
     model = Net(dropout=0.3)
     spectrum = HessianSpectrum(top_k=8, probe_samples=40, seed=5, per_layer=True, max_overhead=None)
     callbacks = [spectrum] if with_callback else []
