@@ -574,3 +574,17 @@ def test_overhead_guard_skips_probes_after_the_first(tmp_path, caplog):
     cb = HessianSpectrum(top_k=5, probe_samples=24, density=False, trace=False, max_overhead=1e6)
     trainer(tmp_path, [cb], max_epochs=3).fit(Net(), DataLoader(data, batch_size=8))
     assert [h["epoch"] for h in cb.history] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_probe_under_true_precision_plugins(tmp_path, precision):
+    torch.manual_seed(7)
+    data = make_data(n=24)
+    model = Net()
+    cb = HessianSpectrum(top_k=5, probe_samples=24, dtype="float64", tol=1e-10, **QUIET)
+    trainer(tmp_path, [cb], precision=precision).fit(model, DataLoader(data, batch_size=8))
+    # inputs were converted like the training loop does (bf16 inputs: rounding); reference on the same inputs
+    x = data.tensors[0].to(next(model.parameters()).dtype)
+    ref_data = TensorDataset(x.double(), data.tensors[1])
+    eig = torch.linalg.eigvalsh(dense_hessian(model, ref_data))
+    assert cb.history[0]["metrics"]["hessian/lambda_max"] == pytest.approx(float(eig[-1]), rel=1e-8)
