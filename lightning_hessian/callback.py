@@ -874,11 +874,11 @@ class HessianSpectrum(Callback):
         return result
 
     def _update_vectors(self, vectors: Tensor | None) -> float:
-        """Overlap with the previous probe's top-k Ritz vectors; keeps the current ones (float32, CPU)."""
+        """Overlap with the previous probe's top-k Ritz vectors (0.0 on the first probe); keeps the current ones."""
         if vectors is None:
             return math.nan
         current = vectors[:, : self.num_tracked].detach().to("cpu", torch.float64)
-        overlap = math.nan
+        overlap = 0.0  # no previous subspace: 0 (finite, so a monitor with check_finite=True is not stopped)
         if self._vectors is not None and self._vectors.shape[0] == current.shape[0]:
             previous = self._vectors.to(torch.float64)
             k = min(previous.shape[1], current.shape[1])

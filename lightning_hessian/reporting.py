@@ -88,7 +88,7 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo(TRACE, "Hutchinson estimate of tr(H)", "lower", "probe"),
         MetricInfo(
             SUBSPACE_OVERLAP,
-            "‖V_prevᵀ V_cur‖²_F / k of the top-k eigenspaces of consecutive probes (1 = same subspace)",
+            "‖V_prevᵀ V_cur‖²_F / k of the top-k eigenspaces of consecutive probes (1 = same; 0 on the first)",
             "-",
             "probe",
         ),

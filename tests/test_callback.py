@@ -180,7 +180,7 @@ def test_metrics_match_dense_float64_reference(tmp_path):
     # Hutchinson with the same seeded probes on the dense matrix: identical estimate
     ref = hutchinson_trace(lambda v: hess @ v, hess.shape[0], num_samples=5, seed=0 + 7919)
     assert m["hessian/trace"] == pytest.approx(ref.value, rel=1e-9)
-    assert math.isnan(m["hessian/subspace_overlap"])  # no previous probe
+    assert m["hessian/subspace_overlap"] == 0.0  # no previous probe: finite by design
     assert m["hessian/hvps"] > 0 and m["hessian/probe_seconds"] > 0
     # logged == history, through pl_module.log (callback_metrics)
     assert float(trainer_metrics := cb.history[-1]["metrics"]["hessian/lambda_max"]) == trainer_metrics
@@ -214,7 +214,7 @@ def test_warm_start_and_subspace_overlap_on_fixed_weights(tmp_path):
     trainer(tmp_path, [cb], max_epochs=3).fit(model, DataLoader(data, batch_size=16, shuffle=True))
     overlaps = [h["metrics"]["hessian/subspace_overlap"] for h in cb.history]
     hvps = [h["metrics"]["hessian/hvps"] for h in cb.history]
-    assert math.isnan(overlaps[0])
+    assert overlaps[0] == 0.0
     assert overlaps[1] == pytest.approx(1.0, abs=1e-6) and overlaps[2] == pytest.approx(1.0, abs=1e-6)
     assert hvps[1] < hvps[0]  # warm start from the previous Ritz vectors
 
@@ -588,3 +588,16 @@ def test_probe_under_true_precision_plugins(tmp_path, precision):
     ref_data = TensorDataset(x.double(), data.tensors[1])
     eig = torch.linalg.eigvalsh(dense_hessian(model, ref_data))
     assert cb.history[0]["metrics"]["hessian/lambda_max"] == pytest.approx(float(eig[-1]), rel=1e-8)
+
+
+def test_subspace_overlap_formula():
+    cb = HessianSpectrum(num_tracked=2, **QUIET)
+    eye = torch.eye(5, dtype=torch.float64)
+    assert cb._update_vectors(eye[:, :2]) == 0.0
+    theta = 0.3
+    rotated = torch.stack([eye[:, 0], math.cos(theta) * eye[:, 1] + math.sin(theta) * eye[:, 2]], dim=1)
+    # ||V_prev^T V_cur||_F^2 / k = (1 + cos^2 theta) / 2, invariant to signs and to rotations inside the span
+    assert cb._update_vectors(-rotated) == pytest.approx((1 + math.cos(theta) ** 2) / 2, rel=1e-6)
+    assert cb._update_vectors(rotated @ torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)) == pytest.approx(
+        1.0, rel=1e-6
+    )
