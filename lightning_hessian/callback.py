@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -72,7 +71,6 @@ __all__ = [
     "default_loss",
 ]
 
-log = logging.getLogger(__name__)
 
 #: Smallest KS distance of a random-init network seen in the evidence (digits FCN, K = 200: 0.103; Xie et al.'s
 #: random-init LeNets at K = 1000: 0.066-0.097). The test has power only if d_c(K) = c(alpha)/sqrt(K) is below it.
