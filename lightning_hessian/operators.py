@@ -20,7 +20,7 @@ rank holds the Hessian of the union of all ranks' samples.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -153,9 +153,16 @@ class HessianOperator:
     construction and every :meth:`matvec` is all-reduced once, so every rank obtains the Hessian of the union of all
     ranks' samples. Without a process group there is no collective.
 
-    Products run with the model in eval mode (restored afterwards). They never touch ``.grad`` nor BatchNorm running
-    statistics: the model's parameters and buffers are substituted functionally (``torch.func.functional_call``),
-    as detached copies cast to ``dtype``.
+    Products run with the model in eval mode (restored afterwards) and never touch ``.grad`` (``torch.autograd.grad``
+    returns the products instead of accumulating) nor BatchNorm running statistics (eval mode). When ``dtype`` differs
+    from the model's, the parameters and buffers are substituted functionally (``torch.func.functional_call``) by
+    detached copies cast to ``dtype``; the model itself is never cast.
+
+    With ``cache_graph=True`` the first product keeps each batch's gradient graph (created with ``create_graph``) and
+    every later product is one backward pass through it, :math:`Hv = \nabla_\theta(g^\top v)` with ``g`` cached:
+    about 1.4-1.9 gradient evaluations per product instead of 2.5-2.8, at the memory cost of holding all probe
+    batches' graphs at once. The cache assumes the parameters do not change during the operator's life (true within
+    one probe).
 
     Args:
         model: The network; ``loss_fn`` receives it (or rather a functional view of it).
@@ -164,6 +171,7 @@ class HessianOperator:
         dtype: Floating-point dtype of the products (``torch.float32`` or ``torch.float64``); ``None`` takes the
             parameters' dtype. Floating tensors of the batches are cast to it.
         params: Subset of the model's parameters to differentiate; default all that require grad.
+        cache_graph: Keep the per-batch gradient graphs between products (faster, more memory).
 
     Raises:
         ValueError: If there are no batches, no trainable parameters, or an unsupported ``dtype``.
@@ -187,6 +195,7 @@ class HessianOperator:
         *,
         dtype: torch.dtype | None = None,
         params: Sequence[nn.Parameter] | None = None,
+        cache_graph: bool = False,
     ) -> None:
         batches = list(batches)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -216,6 +225,10 @@ class HessianOperator:
             raise ValueError("the probe set is empty on every rank: pass at least one batch with one sample")
         self.num_samples = int(round(total))
         self._params = named
+        self.cache_graph = cache_graph
+        self._graphs: list[tuple[float, tuple[Tensor | None, ...], list[Tensor]]] | None = None
+        floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        self._direct = all(t.dtype == dtype for t in floating)  # no cast needed: differentiate the model itself
 
     def _tensors(self) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Detached copies of the parameters (requiring grad) and buffers in ``self.dtype``, keyed for the wrapper."""
@@ -226,13 +239,37 @@ class HessianOperator:
             tensors[f"model.{name}"] = t.detach().to(self.dtype).clone() if t.is_floating_point() else t.clone()
         return tensors, list(params.values())
 
-    def _batch_loss(self, tensors: dict[str, Tensor], batch: Any) -> Tensor:
-        loss = functional_call(self._wrapper, tensors, (batch,), strict=False)
+    @staticmethod
+    def _checked(loss: Any) -> Tensor:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}"
             )
         return loss.reshape(())
+
+    def _batch_losses(self) -> Iterator[tuple[float, Tensor, list[Tensor]]]:
+        """``(sample count, mean loss, differentiation leaves)`` per local batch, evaluated lazily."""
+        if self._direct:
+            leaves = [p for _, p in self._params]
+            for batch, count in self._live_batches():
+                yield count, self._checked(self.loss_fn(self.model, batch)), leaves
+            return
+        tensors, leaves = self._tensors()
+        for batch, count in self._live_batches():
+            yield count, self._checked(functional_call(self._wrapper, tensors, (batch,), strict=False)), leaves
+
+    def _gradient_graphs(self) -> Iterable[tuple[float, tuple[Tensor | None, ...], list[Tensor]]]:
+        """Per batch: count, gradient built with ``create_graph=True``, leaves (cached when ``cache_graph``)."""
+        if self._graphs is not None:
+            return self._graphs
+        graphs = (
+            (count, torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True), leaves)
+            for count, loss, leaves in self._batch_losses()
+        )
+        if not self.cache_graph:
+            return graphs  # lazily: one batch graph alive at a time
+        self._graphs = list(graphs)
+        return self._graphs
 
     def _live_batches(self) -> Iterator[tuple[Any, float]]:
         return ((b, c) for b, c in zip(self._batches, self._local_counts.tolist()) if c > 0)
@@ -272,21 +309,19 @@ class HessianOperator:
             raise ValueError(f"vector has {vector.numel()} entries, the operator acts on {self.num_params}")
         with self._context():
             # clone: the caller may hold an inference-mode tensor, which autograd cannot save
-            vector = vector.to(device=self.device, dtype=self.dtype).reshape(-1).clone()
-            pieces = self.unflatten(vector)
+            pieces = self.unflatten(vector.to(device=self.device, dtype=self.dtype).reshape(-1).clone())
             out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-            tensors, leaves = self._tensors()
-            for batch, count in self._live_batches():
-                loss = self._batch_loss(tensors, batch)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-                dot = sum(
-                    ((g * v).sum() for g, v in zip(grads, pieces) if g is not None and g.requires_grad),
-                    torch.zeros((), dtype=self.dtype, device=self.device),
-                )
-                if dot.requires_grad:
-                    out += count * self.flatten(
-                        self._dense(torch.autograd.grad(dot, leaves, allow_unused=True), leaves)
+            for count, grads, leaves in self._gradient_graphs():
+                live = [(g, v) for g, v in zip(grads, pieces) if g is not None and g.requires_grad]
+                if live:
+                    products = torch.autograd.grad(
+                        [g for g, _ in live],
+                        leaves,
+                        grad_outputs=[v for _, v in live],
+                        retain_graph=self.cache_graph,
+                        allow_unused=True,
                     )
+                    out += count * self.flatten(self._dense(products, leaves))
             self.num_products += 1
             return distributed_sum(out).div_(self.num_samples)
 
@@ -296,19 +331,22 @@ class HessianOperator:
         """Gradient of the global probe loss (flat, all-reduced); does not count as a product."""
         with self._context():
             out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-            tensors, leaves = self._tensors()
-            for batch, count in self._live_batches():
-                grads = torch.autograd.grad(self._batch_loss(tensors, batch), leaves, allow_unused=True)
-                out += count * self.flatten(self._dense(grads, leaves))
+            if self._graphs is not None:
+                for count, grads, leaves in self._graphs:
+                    out += count * self.flatten(self._dense([None if g is None else g.detach() for g in grads], leaves))
+            else:
+                for count, loss, leaves in self._batch_losses():
+                    out += count * self.flatten(
+                        self._dense(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)
+                    )
             return distributed_sum(out).div_(self.num_samples)
 
     def loss(self) -> float:
         r"""Global probe loss :math:`L(\theta)` (all-reduced; non-finite values are returned as they are)."""
         with self._context(), torch.no_grad():
             total = torch.zeros(1, dtype=self.dtype, device=self.device)
-            tensors, _ = self._tensors()
-            for batch, count in self._live_batches():
-                total += count * self._batch_loss(tensors, batch)
+            for count, loss, _ in self._batch_losses():
+                total += count * loss
             return float(distributed_sum(total).item() / self.num_samples)
 
     def dense(self) -> Tensor:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -143,3 +145,18 @@ def test_batch_size_and_cast_batch():
         batch_size({"name": "abc"})
     cast = cast_batch({"x": x, "y": y, "meta": "m"}, dtype=torch.float64)
     assert cast["x"].dtype == torch.float64 and cast["y"].dtype == torch.long and cast["meta"] == "m"
+
+
+@pytest.mark.parametrize("name", ["relu_ce", "bn_tanh_ce"])
+def test_cached_graph_gives_the_same_products(name):
+    model, loss_fn, batches = make_case(name)
+    plain = HessianOperator(model, loss_fn, batches)
+    cached = HessianOperator(model, loss_fn, batches, cache_graph=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(plain.num_params, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(cached.matvec(v), plain.matvec(v), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(cached.gradient(), plain.gradient(), rtol=1e-13, atol=1e-15)
+    assert cached.loss() == pytest.approx(plain.loss(), rel=1e-14)
+    cast = HessianOperator(copy.deepcopy(model).float(), loss_fn, batches, dtype=torch.float64, cache_graph=True)
+    torch.testing.assert_close(cast.matvec(v), plain.matvec(v), rtol=1e-5, atol=1e-6)
