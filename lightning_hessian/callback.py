@@ -30,9 +30,16 @@ What a key holds (EarlyStopping reads ``trainer.callback_metrics``, which keeps 
 Every key the configuration computes is logged by the first probe, which runs on the first call of the hook, so an
 ``EarlyStopping(strict=True)`` finds its key at its first check when both run at the same hook.
 
-Overhead guard (``max_overhead``, default 0.25): scheduled probes beyond the first are skipped (keys stay stale, as on
-epochs without a probe) while the probes' cumulative time exceeds ``max_overhead`` times the training time, so the
-default overhead stays near 20% of the fit on any data set size; set ``max_overhead=None`` for the exact schedule.
+Overhead guard (``max_overhead``, off by default so that probes run exactly on schedule): when set, scheduled probes
+beyond the first are skipped (keys stay stale, as on epochs without a probe) while the probes' cumulative time exceeds
+``max_overhead`` times the training time, so the overhead stays near ``max_overhead / (1 + max_overhead)`` of the fit
+on any data set size (recommended for long runs on large data sets, e.g. 0.25).
+
+Further analyses (typed on/off switches, each computed when the architecture is supported and skipped with one
+warning otherwise): ``jacobian`` (free-probability law of the input-output JᵀJ vs its measured spectrum, Chhaibi et
+al. 2022; keys ``jacobian/...``), ``embedding`` (neuron condensation and effective widths, Zhang et al. 2021; keys
+``embedding/...``) and ``near_zero`` (SLQ near-zero fraction of the Hessian spectrum, Singh et al. 2021; key
+``hessian/near_zero_fraction``).
 """
 
 from __future__ import annotations
@@ -42,8 +49,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -56,9 +62,24 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_hessian import reporting as rp
-from lightning_hessian.lanczos import EigenResult, hutchinson_trace, lanczos, stochastic_lanczos_quadrature
-from lightning_hessian.operators import HessianOperator, evaluation_mode
-from lightning_hessian.powerlaw import KS_CRITICAL_CONSTANTS, fit_power_law, ks_critical_value, spectral_gap
+from lightning_hessian.analyses import (
+    Analysis,
+    AnalysisResult,
+    CondensationAnalysis,
+    DensityAnalysis,
+    JacobianAnalysis,
+    PerLayerAnalysis,
+    PowerLawAnalysis,
+    ProbeBudget,
+    ProbeContext,
+    ProbeFailure,
+    TraceAnalysis,
+    any_rank,
+    world_size,
+)
+from lightning_hessian.lanczos import EigenResult, lanczos
+from lightning_hessian.operators import HessianOperator, batch_size, evaluation_mode
+from lightning_hessian.powerlaw import KS_CRITICAL_CONSTANTS, ks_critical_value, spectral_gap
 from lightning_hessian.probe import ProbeSet, isolated_rng
 
 __all__ = [
@@ -81,10 +102,6 @@ MAX_TOP_K_FRACTION = 0.10
 
 class HessianConfigError(MisconfigurationException, ValueError):
     """Invalid ``HessianSpectrum`` configuration (a ``MisconfigurationException`` and a ``ValueError``)."""
-
-
-class ProbeFailure(RuntimeError):
-    """A probe could not produce trustworthy numbers (raised to the user only with ``strict=True``)."""
 
 
 def default_loss(pl_module: pl.LightningModule, batch: Any) -> Tensor:
@@ -139,287 +156,6 @@ def _silenced_logging(pl_module: Any) -> Iterator[None]:
                 setattr(pl_module, name, saved[name])
             else:
                 delattr(pl_module, name)
-
-
-@dataclass
-class AnalysisResult:
-    """What one analysis of a probe produces.
-
-    Attributes:
-        scalars: full logged key -> value (keys built with :func:`lightning_hessian.reporting.metric_key`).
-        items: TensorBoard items written on rank 0.
-    """
-
-    scalars: dict[str, float] = field(default_factory=dict)
-    items: list[rp.TensorBoardItem] = field(default_factory=list)
-
-
-class _Budget:
-    """HVP counter and budget of one probe.
-
-    Enforces ``max_hvps``/``max_seconds`` identically on all ranks and prints a progress line every 10 s of a long
-    probe (never per HVP).
-    """
-
-    def __init__(self, device: torch.device, max_hvps: int | None, max_seconds: float | None, label: str) -> None:
-        self.device = device
-        self.max_hvps = max_hvps
-        self.max_seconds = max_seconds
-        self.label = label
-        self.start = time.perf_counter()
-        self.hvps = 0
-        self._next_report = self.start + 10.0
-
-    def remaining(self) -> int | None:
-        """HVPs left (``None``: unlimited)."""
-        return None if self.max_hvps is None else max(self.max_hvps - self.hvps, 1)
-
-    def elapsed(self) -> float:
-        """Seconds since the probe started."""
-        return time.perf_counter() - self.start
-
-    def bind(self, operator: HessianOperator) -> Callable[[Tensor], Tensor]:
-        """``v -> operator @ v`` charged to this budget."""
-
-        def matvec(vector: Tensor) -> Tensor:
-            if self.max_hvps is not None and self.hvps >= self.max_hvps:
-                raise ProbeFailure(f"the HVP budget max_hvps={self.max_hvps} is spent")
-            if self.max_seconds is not None and _any_rank(self.elapsed() > self.max_seconds, self.device):
-                raise ProbeFailure(f"the time budget max_seconds={self.max_seconds} is spent after {self.hvps} HVPs")
-            out = operator.matvec(vector)
-            self.hvps += 1
-            now = time.perf_counter()
-            if now >= self._next_report:
-                self._next_report = now + 10.0
-                rank_zero_info(f"{self.label}: {self.hvps} HVPs, {now - self.start:.1f} s")
-            return out
-
-        return matvec
-
-
-@dataclass
-class ProbeContext:
-    """Everything an analysis may use; built once per probe, identical in shape on every rank.
-
-    Attributes:
-        trainer: the Trainer.
-        pl_module: the unwrapped LightningModule.
-        operator: Hessian of the probe loss over all parameters that require grad (all-reduced under DDP).
-        matvec: ``v -> H v`` of ``operator`` charged to the probe's budget (use it, or ``budget.bind(op)`` for another
-            operator, so products are counted and ``max_hvps``/``max_seconds`` hold).
-        budget: the probe's HVP/time budget.
-        batches: this rank's device-ready probe batches.
-        loss_fn: ``loss_fn(model, batch) -> batch-mean loss``.
-        dtype: dtype of the products.
-        prefix: metric prefix (``"hessian"`` by default).
-        seed: the callback's seed (use it for every random vector: identical on all ranks).
-        full: whether this is a full probe (power-law test, density).
-        top: the top eigenpairs of this probe (``None`` if the spectrum analysis failed), descending.
-        loss: the global probe loss.
-    """
-
-    trainer: Any
-    pl_module: Any
-    operator: HessianOperator
-    matvec: Callable[[Tensor], Tensor]
-    budget: _Budget
-    batches: list[Any]
-    loss_fn: Callable[[Any, Any], Tensor]
-    dtype: torch.dtype
-    prefix: str
-    seed: int
-    full: bool
-    top: EigenResult | None = None
-    loss: float = math.nan
-
-    def key(self, name: str) -> str:
-        """Logged key ``f"{prefix}/{name}"``."""
-        return rp.metric_key(self.prefix, name)
-
-
-class Analysis(Protocol):
-    """An optional analysis plugged into a probe (e.g. Jacobian laws, Hessian rank).
-
-    Attributes:
-        name: short name used in warnings.
-        full_only: run on full probes only.
-    """
-
-    name: str
-    full_only: bool
-
-    def keys(self, prefix: str, pl_module: Any) -> list[str]:
-        """Every scalar key it logs (NaN-filled when it fails)."""
-        ...
-
-    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
-        """Run on a probe; raise to report failure (the callback turns it into a warning + NaN)."""
-        ...
-
-
-@dataclass
-class _PowerLaw:
-    ks_level: float
-    top_k: int
-    name: str = "power-law test"
-    full_only: bool = True
-
-    def keys(self, prefix: str, pl_module: Any) -> list[str]:
-        names = (rp.POWERLAW_BETA, rp.POWERLAW_S, rp.POWERLAW_BETA_STDERR, rp.KS_DISTANCE, rp.KS_CRITICAL)
-        return [rp.metric_key(prefix, n) for n in (*names, rp.IS_POWER_LAW)]
-
-    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
-        if ctx.top is None:
-            raise ProbeFailure("no eigenvalues (the spectrum analysis failed)")
-        eig = ctx.top.eigenvalues.detach().to("cpu", torch.float64)
-        fit = fit_power_law(eig, alpha=self.ks_level)
-        scalars = {
-            ctx.key(rp.POWERLAW_BETA): fit.beta,
-            ctx.key(rp.POWERLAW_S): fit.s,
-            ctx.key(rp.POWERLAW_BETA_STDERR): fit.beta_stderr,
-            ctx.key(rp.KS_DISTANCE): fit.ks_distance,
-            ctx.key(rp.KS_CRITICAL): fit.ks_critical,
-            ctx.key(rp.IS_POWER_LAW): float(fit.is_power_law),
-        }
-        epoch = getattr(ctx.trainer, "current_epoch", 0)
-
-        def figure() -> Any:
-            return rp.rank_plot(
-                eig,
-                s=fit.s,
-                cutoff_rank=fit.k,
-                ks_distance=fit.ks_distance,
-                ks_critical=fit.ks_critical,
-                title=f"epoch {epoch}: ",
-            )
-
-        verdict = "**power law**" if fit.is_power_law else "**not** a power law"
-        text = (
-            f"epoch {epoch}: top-{fit.k} spectrum is {verdict} (d_ks = {fit.ks_distance:.4f} vs d_c = "
-            f"{fit.ks_critical:.4f} at level {fit.alpha}); β̂ = {fit.beta:.3f} ± {fit.beta_stderr:.3f}, "
-            f"ŝ = {fit.s:.3f} (OLS slope {fit.slope_ols:.3f}); λ_max = {float(eig[0]):.5g}"
-        )
-        items: list[rp.TensorBoardItem] = [
-            rp.FigureItem(ctx.key("rank_plot"), figure),
-            rp.Text(ctx.key("summary"), text),
-        ]
-        return AnalysisResult(scalars, items)
-
-
-@dataclass
-class _Trace:
-    num_samples: int
-    name: str = "trace"
-    full_only: bool = False
-
-    def keys(self, prefix: str, pl_module: Any) -> list[str]:
-        return [rp.metric_key(prefix, rp.TRACE)]
-
-    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
-        estimate = hutchinson_trace(
-            ctx.matvec,
-            ctx.operator.num_params,
-            num_samples=self.num_samples,
-            seed=ctx.seed + 7919,
-            dtype=ctx.dtype,
-            device=ctx.operator.device,
-        )
-        if not math.isfinite(estimate.value):
-            raise ProbeFailure("non-finite trace estimate")
-        return AnalysisResult({ctx.key(rp.TRACE): estimate.value})
-
-
-@dataclass
-class _Density:
-    num_probes: int
-    num_steps: int
-    name: str = "SLQ density"
-    full_only: bool = True
-
-    def keys(self, prefix: str, pl_module: Any) -> list[str]:
-        return []
-
-    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
-        n = ctx.operator.num_params
-        slq = stochastic_lanczos_quadrature(
-            ctx.matvec,
-            n,
-            num_probes=self.num_probes,
-            num_steps=min(self.num_steps, n),
-            seed=ctx.seed + 104729,
-            dtype=ctx.dtype,
-            device=ctx.operator.device,
-        )
-        item = rp.slq_raw_histogram(ctx.key("density"), slq.nodes, slq.weights, n)
-        if item is None:
-            raise ProbeFailure("non-finite SLQ nodes")
-        return AnalysisResult(items=[item])
-
-
-def _trainable_blocks(pl_module: Any) -> list[tuple[str, list[torch.nn.Parameter]]]:
-    blocks = []
-    for name, module in pl_module.named_modules():
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if params and name:
-            blocks.append((name, params))
-    return blocks
-
-
-@dataclass
-class _PerLayer:
-    top_k: int
-    ks_level: float
-    tol: float
-    name: str = "per-layer spectrum"
-    full_only: bool = False
-
-    def keys(self, prefix: str, pl_module: Any) -> list[str]:
-        keys: list[str] = []
-        for name, _ in _trainable_blocks(pl_module) if pl_module is not None else ():
-            keys += [
-                rp.metric_key(prefix, f"{name}/{rp.LAMBDA_MAX}"),
-                rp.metric_key(prefix, f"{name}/{rp.POWERLAW_BETA}"),
-            ]
-        return keys
-
-    def __call__(self, ctx: ProbeContext) -> AnalysisResult:
-        scalars: dict[str, float] = {}
-        for name, params in _trainable_blocks(ctx.pl_module):
-            op = HessianOperator(ctx.pl_module, ctx.loss_fn, ctx.batches, dtype=ctx.dtype, params=params)
-            k = min(self.top_k if ctx.full else 1, op.num_params)
-            result = lanczos(
-                ctx.budget.bind(op),
-                op.num_params,
-                k,
-                tol=self.tol,
-                max_matvecs=ctx.budget.remaining(),
-                seed=ctx.seed,
-                dtype=ctx.dtype,
-                device=op.device,
-            )
-            if not result.converged:
-                raise ProbeFailure(f"Lanczos on {name} did not converge in {result.num_matvecs} HVPs")
-            scalars[ctx.key(f"{name}/{rp.LAMBDA_MAX}")] = float(result.eigenvalues[0])
-            if ctx.full:
-                try:
-                    beta = fit_power_law(result.eigenvalues.cpu(), alpha=self.ks_level).beta
-                except ValueError:
-                    beta = math.nan
-                scalars[ctx.key(f"{name}/{rp.POWERLAW_BETA}")] = beta
-        return AnalysisResult(scalars)
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """Logical OR of ``flag`` over all ranks (one tiny all-reduce under DDP; identity otherwise)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return bool(flag)
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class HessianSpectrum(Callback):
@@ -477,7 +213,24 @@ class HessianSpectrum(Callback):
             probes' cumulative wall time exceeds ``max_overhead`` times the training time (everything between the
             hooks), so probing costs at most about ``max_overhead / (1 + max_overhead)`` of the fit (20% by default)
             whatever the data set size; a full probe that falls due waits for the budget. The decision is taken by
-            the slowest rank. ``None`` probes exactly on schedule (reproducible epochs).
+            the slowest rank. ``None`` (default) probes exactly on schedule (reproducible epochs).
+        jacobian: on full probes, log the free-probability prediction of the input-output Jacobian law (Chhaibi,
+            Daouda & Kahn 2022) of the module's MLP with its actual weights: ``jacobian/fpt_q10`` ...
+            ``jacobian/fpt_q90`` (quantiles of the law's non-zero part), ``jacobian/atom_at_zero``,
+            ``jacobian/mean``, and ``jacobian/law_distance`` (Kolmogorov distance to the measured spectrum of JᵀJ at
+            the probe inputs); TensorBoard: predicted density and an overlay figure. Skipped with one warning when the
+            module holds no supported MLP (``nn.Linear`` + element-wise activations).
+        embedding: on every probe, log the neuron condensation of the MLP (embedding principle, Zhang et al. 2021):
+            ``embedding/effective_width/<layer name>`` per hidden Linear and ``embedding/merge_output_error``.
+            Skipped with one warning for unsupported architectures.
+        near_zero: on full probes, log ``hessian/near_zero_fraction``, the SLQ estimate of the fraction of Hessian
+            eigenvalues with ``|λ| <= near_zero_threshold * max|λ|`` (rank deficiency, Singh et al. 2021).
+        near_zero_threshold: relative threshold of ``near_zero``, in (0, 1).
+        condensation_tol: clustering tolerance of ``embedding`` (see :func:`lightning_hessian.embedding.condensation`),
+            in (0, 1).
+        cache_graph: keep the probe batches' gradient graphs during a probe, so each HVP is one backward pass (about
+            1.4-1.9 gradient evaluations instead of 2.5-2.8) at the memory cost of all probe batches' graphs at once;
+            set False for large models.
 
     Raises:
         HessianConfigError: (a ``MisconfigurationException`` and ``ValueError``) for an invalid argument, naming the
@@ -516,7 +269,13 @@ class HessianSpectrum(Callback):
         per_layer: bool = False,
         nan_on_failure: bool = True,
         tensorboard: bool = True,
-        max_overhead: float | None = 0.25,
+        max_overhead: float | None = None,
+        jacobian: bool = True,
+        embedding: bool = True,
+        near_zero: bool = True,
+        near_zero_threshold: float = 1e-3,
+        condensation_tol: float = 1e-3,
+        cache_graph: bool = True,
     ) -> None:
         _check_int("top_k", top_k, 3)
         _check_int("every_n_epochs", every_n_epochs, 1)
@@ -533,6 +292,10 @@ class HessianSpectrum(Callback):
             ("per_layer", per_layer),
             ("nan_on_failure", nan_on_failure),
             ("tensorboard", tensorboard),
+            ("jacobian", jacobian),
+            ("embedding", embedding),
+            ("near_zero", near_zero),
+            ("cache_graph", cache_graph),
         ):
             if not isinstance(value, bool):
                 raise HessianConfigError(f"{name} must be True or False, got {value!r}.")
@@ -567,6 +330,9 @@ class HessianSpectrum(Callback):
             isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0
         ):
             raise HessianConfigError(f"max_overhead must be a positive number or None, got {max_overhead!r}.")
+        for name, value in (("near_zero_threshold", near_zero_threshold), ("condensation_tol", condensation_tol)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise HessianConfigError(f"{name} must be a number in (0, 1), got {value!r}.")
 
         self.top_k = top_k
         self.every_n_epochs = every_n_epochs
@@ -593,6 +359,17 @@ class HessianSpectrum(Callback):
         self.nan_on_failure = nan_on_failure
         self.tensorboard = tensorboard
         self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self.jacobian = jacobian
+        self.embedding = embedding
+        self.near_zero = near_zero
+        self.near_zero_threshold = float(near_zero_threshold)
+        self.condensation_tol = float(condensation_tol)
+        self.cache_graph = cache_graph
+        # stateful analyses (they warn once for an unsupported architecture), built once
+        self._jacobian = JacobianAnalysis(_sibling_prefix(prefix, "jacobian")) if jacobian else None
+        self._condensation = (
+            CondensationAnalysis(_sibling_prefix(prefix, "embedding"), condensation_tol) if embedding else None
+        )
 
         critical = ks_critical_value(top_k, self.ks_level)
         if powerlaw_every_n_epochs is not None and critical >= RANDOM_INIT_KS_DISTANCE:
@@ -705,7 +482,7 @@ class HessianSpectrum(Callback):
         fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
         if self.max_overhead is not None and self._num_probes > 0 and fitting:
             over = self._probe_seconds > self.max_overhead * self._train_seconds
-            if _any_rank(over, pl_module.device):  # the slowest rank decides, so all ranks take the same path
+            if any_rank(over, pl_module.device):  # the slowest rank decides, so all ranks take the same path
                 if not self._warned_overhead:
                     rank_zero_info(
                         f"HessianSpectrum[{self.prefix}]: skipping probes to keep probe time <= max_overhead="
@@ -724,7 +501,7 @@ class HessianSpectrum(Callback):
         with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
             scalars, items = self._run_probe(trainer, pl_module, full)
         self._probe_seconds += time.perf_counter() - start
-        sync = _world_size() > 1
+        sync = world_size() > 1
         rp.log_scalars(pl_module, scalars, sync_dist=sync)
         self.history.append({"epoch": trainer.current_epoch, "full": full, "metrics": dict(scalars)})
         if self.tensorboard:
@@ -764,7 +541,7 @@ class HessianSpectrum(Callback):
             failed = False
         except Exception as exc:  # noqa: BLE001 - any failure becomes a warning + NaN (or strict error)
             failed, error = True, exc
-        if _any_rank(failed, ctx.operator.device):
+        if any_rank(failed, ctx.operator.device):
             ctx.top = None
             self._fail(f"top eigenpairs: {error}", [core_keys], scalars)
 
@@ -774,9 +551,14 @@ class HessianSpectrum(Callback):
                 failed = False
             except Exception as exc:  # noqa: BLE001
                 failed, error, result = True, exc, None
-            if _any_rank(failed, ctx.operator.device):
+            if any_rank(failed, ctx.operator.device):
                 self._fail(f"{analysis.name}: {error}", [analysis.keys(self.prefix, pl_module)], scalars)
             elif result is not None:
+                if getattr(analysis, "rank_local", False) and world_size() > 1:
+                    # values that depend on this rank's probe inputs: every rank logs rank 0's
+                    shared = [result.scalars]
+                    dist.broadcast_object_list(shared, src=0)
+                    result.scalars = shared[0]
                 scalars.update(result.scalars)
                 items.extend(result.items)
         seconds = time.perf_counter() - start
@@ -800,14 +582,14 @@ class HessianSpectrum(Callback):
             batches = self._probe.batches
             with torch.no_grad(), evaluation_mode(pl_module):
                 for batch in batches:
-                    count = _count(batch)
+                    count = batch_size(batch)
                     value = loss_fn(pl_module, batch)
                     local[0] += count * float(value.detach().reshape(()))
                     local[1] += count
         except Exception as exc:  # noqa: BLE001
             local[2] = 1.0
             error = exc
-        if _world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(local, op=dist.ReduceOp.SUM)
         if local[2] > 0:
             return None, error if error is not None else "it failed on another rank"
@@ -815,8 +597,8 @@ class HessianSpectrum(Callback):
         if not math.isfinite(loss):
             return None, f"the probe loss is not finite ({loss})"
         dtype = self._torch_dtype(pl_module)
-        operator = HessianOperator(pl_module, loss_fn, batches, dtype=dtype)
-        budget = _Budget(operator.device, self.max_hvps, self.max_seconds, label)
+        operator = HessianOperator(pl_module, loss_fn, batches, dtype=dtype, cache_graph=self.cache_graph)
+        budget = ProbeBudget(operator.device, self.max_hvps, self.max_seconds, label)
         ctx = ProbeContext(
             trainer=trainer,
             pl_module=pl_module,
@@ -887,13 +669,22 @@ class HessianSpectrum(Callback):
     def _analyses(self, full: bool) -> list[Analysis]:
         built: list[Analysis] = []
         if self.powerlaw_every_n_epochs is not None:
-            built.append(_PowerLaw(self.ks_level, self.top_k))
+            built.append(PowerLawAnalysis(self.ks_level, self.top_k))
         if self.trace:
-            built.append(_Trace(self.trace_samples))
-        if self.density:
-            built.append(_Density(self.density_probes, self.density_steps))
+            built.append(TraceAnalysis(self.trace_samples))
+        if self.density or self.near_zero:
+            built.append(
+                DensityAnalysis(
+                    self.density_probes,
+                    self.density_steps,
+                    histogram=self.density,
+                    near_zero=self.near_zero,
+                    near_zero_threshold=self.near_zero_threshold,
+                )
+            )
         if self.per_layer:
-            built.append(_PerLayer(self.top_k, self.ks_level, self.tol))
+            built.append(PerLayerAnalysis(self.top_k, self.ks_level, self.tol))
+        built += [a for a in (self._jacobian, self._condensation) if a is not None]
         return [a for a in (*built, *self.analyses) if full or not a.full_only]
 
     def _fail(self, reason: str, key_groups: list[list[str]], scalars: dict[str, float]) -> None:
@@ -910,7 +701,7 @@ class HessianSpectrum(Callback):
         return rp.metric_key(self.prefix, name)
 
     def _per_layer_keys(self, pl_module: Any) -> list[str]:
-        return _PerLayer(self.top_k, self.ks_level, self.tol).keys(self.prefix, pl_module)
+        return PerLayerAnalysis(self.top_k, self.ks_level, self.tol).keys(self.prefix, pl_module)
 
     def _torch_dtype(self, pl_module: Any) -> torch.dtype:
         if self.dtype is not None:
@@ -969,10 +760,13 @@ class HessianSpectrum(Callback):
                 )
 
 
-def _count(batch: Any) -> int:
-    from lightning_hessian.operators import batch_size
+def _sibling_prefix(prefix: str, family: str) -> str:
+    """Prefix of a sibling metric family (``jacobian``, ``embedding``) of the callback's ``prefix``.
 
-    return batch_size(batch)
+    ``hessian`` -> ``jacobian``, ``val_hessian`` -> ``val_jacobian``, else ``f"{prefix}_{family}"``, so two callback
+    instances with distinct prefixes never collide.
+    """
+    return prefix.replace("hessian", family) if "hessian" in prefix else f"{prefix}_{family}"
 
 
 def _check_int(name: str, value: Any, minimum: int | None, extra: str = "") -> None:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from .lanczos import MatVec, stochastic_lanczos_quadrature
+from .lanczos import MatVec, SpectralQuadrature, stochastic_lanczos_quadrature
 from .operators import LossFn, LossModule, batch_size, cast_batch, evaluation_mode
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "linear_hessian_rank",
     "matrix_rank_tolerance",
     "near_zero_fraction",
+    "near_zero_from_quadrature",
     "numerical_hessian_rank",
 ]
 
@@ -507,11 +508,35 @@ def near_zero_fraction(
             f"got {type(operator_or_matvec).__name__}"
         )
     n = _check_int("n", n, 1)
-    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    _check_threshold(threshold)
     quadrature = stochastic_lanczos_quadrature(
         matvec, n, num_probes=num_probes, num_steps=num_steps, seed=seed, dtype=dtype, device=device
     )
+    return near_zero_from_quadrature(quadrature, threshold=threshold, relative=relative)
+
+
+def _check_threshold(threshold: Any) -> None:
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+
+
+def near_zero_from_quadrature(
+    quadrature: SpectralQuadrature, *, threshold: float = 1e-3, relative: bool = True
+) -> NearZeroEstimate:
+    r"""Near-zero fraction read off an existing SLQ quadrature (see :func:`near_zero_fraction` for the estimator).
+
+    Args:
+        quadrature: A :class:`~lightning_hessian.lanczos.SpectralQuadrature` of the Hessian.
+        threshold: :math:`\tau`, relative to the largest Ritz value modulus when ``relative``, else absolute.
+        relative: Whether ``threshold`` is relative.
+
+    Returns:
+        A :class:`NearZeroEstimate` (``num_matvecs`` is the quadrature's).
+
+    Raises:
+        ValueError: For a negative or non-finite threshold.
+    """
+    _check_threshold(threshold)
     lowest, highest = quadrature.support()
     scale = max(abs(lowest), abs(highest))
     tau = float(threshold) * scale if relative else float(threshold)

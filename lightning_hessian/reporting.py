@@ -31,7 +31,9 @@ __all__ = [
     "Text",
     "TensorBoardItem",
     "custom_scalar_layout",
+    "density_raw_histogram",
     "find_tensorboard_writer",
+    "jacobian_overlay",
     "log_scalars",
     "metric_key",
     "metrics_table",
@@ -71,6 +73,7 @@ TRACE = "trace"
 SUBSPACE_OVERLAP = "subspace_overlap"
 HVPS = "hvps"
 PROBE_SECONDS = "probe_seconds"
+NEAR_ZERO_FRACTION = "near_zero_fraction"
 
 #: Every scalar the core callback logs, in dashboard order.
 METRICS: dict[str, MetricInfo] = {
@@ -91,6 +94,12 @@ METRICS: dict[str, MetricInfo] = {
             "‖V_prevᵀ V_cur‖²_F / k of the top-k eigenspaces of consecutive probes (1 = same; 0 on the first)",
             "-",
             "probe",
+        ),
+        MetricInfo(
+            NEAR_ZERO_FRACTION,
+            "SLQ estimate of the fraction of eigenvalues with |λ| ≤ 1e-3·max|λ| (rank deficiency, Singh et al. 2021)",
+            "-",
+            "full",
         ),
         MetricInfo(HVPS, "Hessian-vector products spent by this probe", "-", "probe"),
         MetricInfo(PROBE_SECONDS, "wall-clock seconds of this probe", "-", "probe"),
@@ -324,6 +333,80 @@ def rank_plot(
     axes.set_title(f"{title}{verdict}: d_ks={ks_distance:.4f}, d_c={ks_critical:.4f}", fontsize=8)
     axes.set_xlabel("rank k")
     axes.set_ylabel("eigenvalue λ_k")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def density_raw_histogram(tag: str, grid: Any, density: Any) -> RawHistogram | None:
+    r"""A density sampled on a (non-uniform) grid as a raw histogram.
+
+    Bucket :math:`[x_i, x_{i+1}]` holds the trapezoid mass :math:`\tfrac12(\rho_i + \rho_{i+1})(x_{i+1} - x_i)`.
+
+    Returns:
+        The item, or ``None`` when fewer than two finite grid points remain.
+    """
+    x = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
+    rho = torch.as_tensor(density, dtype=torch.float64).reshape(-1)
+    keep = torch.isfinite(x) & torch.isfinite(rho)
+    x, rho = x[keep], rho[keep].clamp_min(0)
+    if x.numel() < 2:
+        return None
+    order = torch.argsort(x)
+    x, rho = x[order], rho[order]
+    mass = 0.5 * (rho[1:] + rho[:-1]) * (x[1:] - x[:-1])
+    mid = 0.5 * (x[1:] + x[:-1])
+    return RawHistogram(
+        tag=tag,
+        min=float(x[0]),
+        max=float(x[-1]),
+        num=float(mass.sum()),
+        sum=float((mass * mid).sum()),
+        sum_squares=float((mass * mid * mid).sum()),
+        bucket_limits=x[1:].tolist(),
+        bucket_counts=mass.tolist(),
+    )
+
+
+def jacobian_overlay(report: Any, *, title: str = "") -> Any:
+    r"""Predicted density of :math:`J^\top J` (continuous part) over a histogram of the measured eigenvalues.
+
+    ``report`` is a :class:`~lightning_hessian.free_probability.JacobianReport`; the measured non-zero eigenvalues are
+    weighted so that both curves carry the continuous mass :math:`1 - \text{atom}`; log-spaced bins.
+
+    Raises:
+        ImportError: when matplotlib is not installed (callers skip the figure).
+    """
+    import numpy as np
+    from matplotlib.figure import Figure  # optional dependency
+
+    figure = Figure(figsize=(4.5, 3.4), dpi=100)
+    axes = figure.add_subplot(1, 1, 1)
+    values = np.asarray(report.measured_eigenvalues, dtype=float)
+    weights = np.asarray(report.measured_weights, dtype=float)
+    positive = values > max(1e-12, 1e-10 * float(values.max(initial=0.0)))
+    grid = np.asarray(report.grid, dtype=float)
+    density = np.asarray(report.density, dtype=float)
+    live = grid > 0
+    if positive.any():
+        low, high = values[positive].min(), values[positive].max()
+        bins = np.geomspace(low, high * (1 + 1e-9), 30)
+        axes.hist(
+            values[positive],
+            bins=bins,
+            weights=weights[positive],
+            density=False,
+            alpha=0.4,
+            label=f"measured (atom {report.measured_atom_at_zero:.3f})",
+        )
+        # histogram counts are masses; convert the density to masses of the same bins for a like-for-like overlay
+        centres = np.sqrt(bins[1:] * bins[:-1])
+        predicted = np.interp(centres, grid[live], density[live]) * np.diff(bins)
+        axes.plot(centres, predicted, "-", label=f"predicted (atom {report.atom_at_zero:.3f})")
+        axes.set_xscale("log")
+    axes.set_title(f"{title} JᵀJ law: KS distance {report.law_distance:.3f}", fontsize=8)
+    axes.set_xlabel("eigenvalue of JᵀJ")
+    axes.set_ylabel("mass per bin")
     axes.legend(fontsize=7)
     figure.tight_layout()
     return figure

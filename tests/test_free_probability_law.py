@@ -8,9 +8,6 @@ from torch import nn
 
 from lightning_hessian.free_probability import JacobianLaw, UncertifiedPointWarning, UnsupportedArchitectureError
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
 PHI = {
     "linear": (lambda h: h, np.ones_like),
     "relu": (lambda h: np.maximum(h, 0), lambda h: (h > 0).astype(float)),

@@ -11,8 +11,6 @@ from lightning_hessian.free_probability.measured import (
     law_distance,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def dense_reference(net, x):
     net64 = net.double()

@@ -26,6 +26,7 @@ def test_metric_names_cover_the_issue_contract():
         "hvps",
         "probe_seconds",
         "subspace_overlap",
+        "near_zero_fraction",
     }
     assert set(rp.METRICS) == contract
     table = rp.metrics_table("curv")
