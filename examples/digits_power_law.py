@@ -108,9 +108,7 @@ def main() -> None:
         probe_samples=args.probe_samples,
         powerlaw_every_n_epochs=args.powerlaw_every,
         seed=args.seed,
-        # digits epochs take ~0.1 s, a probe 0.7-25 s: the default overhead guard (probes <= 0.25 x training time)
-        # would skip almost every probe, so this demo probes exactly on schedule
-        max_overhead=None,
+        # probes run exactly on schedule (the default); on large data sets consider max_overhead=0.25
     )
     callbacks = [
         spectrum,
