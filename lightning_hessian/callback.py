@@ -261,7 +261,7 @@ class HessianSpectrum(Callback):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         powerlaw_every_n_epochs: int | None = 10,
         num_tracked: int = 8,
-        tol: float = 1e-3,
+        tol: float = 1e-6,
         trace_samples: int = 16,
         density_probes: int = 4,
         density_steps: int = 64,

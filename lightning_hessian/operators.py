@@ -268,7 +268,17 @@ class HessianOperator:
         )
         if not self.cache_graph:
             return graphs  # lazily: one batch graph alive at a time
-        self._graphs = list(graphs)
+        # one combined graph sum_b n_b g_b: every later product is a single backward call
+        combined: list[Tensor | None] | None = None
+        leaves: list[Tensor] = []
+        for count, grads, batch_leaves in graphs:
+            leaves = batch_leaves  # the same leaves for every batch
+            weighted = [None if g is None else count * g for g in grads]
+            if combined is None:
+                combined = weighted
+            else:
+                combined = [a if b is None else b if a is None else a + b for a, b in zip(combined, weighted)]
+        self._graphs = [] if combined is None else [(1.0, tuple(combined), leaves)]
         return self._graphs
 
     def _live_batches(self) -> Iterator[tuple[Any, float]]:
