@@ -28,11 +28,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_hessian import reporting as rp
-from lightning_hessian.embedding import MLPStructure, condensation_report, mlp_structure
+from lightning_hessian.embedding import MLPStructure, capture_inputs, condensation_report, mlp_structure
 from lightning_hessian.errors import UnsupportedArchitectureError
 from lightning_hessian.free_probability import DEFAULT_QUANTILES, jacobian_report
 from lightning_hessian.lanczos import EigenResult, hutchinson_trace, lanczos, stochastic_lanczos_quadrature
-from lightning_hessian.operators import HessianOperator, evaluation_mode
+from lightning_hessian.operators import HessianOperator, evaluation_mode, world_info
 from lightning_hessian.powerlaw import fit_power_law
 from lightning_hessian.rank import near_zero_from_quadrature
 
@@ -358,7 +358,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def world_size() -> int:
     """World size of the default process group (1 without one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return world_info()[1]
 
 
 def container_input(
@@ -367,23 +367,13 @@ def container_input(
     """The first positional input ``container`` receives when ``loss_fn(pl_module, batch)`` runs (no grad, eval mode).
 
     Raises:
-        ProbeFailure: if the loss never calls ``container``.
+        UnsupportedArchitectureError: if the loss never calls ``container`` or passes it no positional input.
     """
-    captured: list[Any] = []
-
-    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if not captured and args:
-            captured.append(args[0].detach())
-
-    handle = container.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad(), evaluation_mode(pl_module):
-            loss_fn(pl_module, batch)
-    finally:
-        handle.remove()
-    if not captured:
-        raise ProbeFailure(f"the loss never calls the MLP {type(container).__name__}; cannot read its inputs")
-    return captured[0]
+    with torch.no_grad(), evaluation_mode(pl_module):
+        args, _ = capture_inputs(container, lambda: loss_fn(pl_module, batch))
+    if not args:
+        raise UnsupportedArchitectureError(f"the MLP {type(container).__name__} is called without a positional input")
+    return args[0].detach()
 
 
 class _MLPAnalysis:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "LayerCondensation",
     "MLPStructure",
     "UnsupportedArchitectureError",
+    "capture_inputs",
     "condensation",
     "condensation_report",
     "merge_condensed",
@@ -605,8 +606,19 @@ def _max_difference(a: Any, b: Any) -> float:
     raise ValueError(f"cannot compare outputs of types {type(a).__name__} and {type(b).__name__}")
 
 
-def _container_input(model: nn.Module, container: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Run ``model`` on ``inputs`` and capture the arguments its MLP container receives."""
+def capture_inputs(container: nn.Module, run: Callable[[], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments ``container`` receives (first call) while ``run()`` executes.
+
+    Args:
+        container: The submodule to watch (e.g. the MLP inside a LightningModule).
+        run: Drives the outer model, e.g. ``lambda: model(x)`` or ``lambda: loss_fn(model, batch)``.
+
+    Returns:
+        ``(args, kwargs)`` of the first call.
+
+    Raises:
+        UnsupportedArchitectureError: If ``run`` never calls ``container``.
+    """
     captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -615,11 +627,11 @@ def _container_input(model: nn.Module, container: nn.Module, inputs: Any) -> tup
 
     handle = container.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        _call(model, inputs)
+        run()
     finally:
         handle.remove()
     if not captured:
-        raise UnsupportedArchitectureError(f"the forward of {type(model).__name__} never calls its MLP container")
+        raise UnsupportedArchitectureError(f"the model never calls its MLP container {type(container).__name__}")
     return captured[0]
 
 
@@ -659,7 +671,7 @@ def condensation_report(model: nn.Module, inputs: Any = None, *, tol: float = DE
     error = None
     if inputs is not None:
         with torch.no_grad(), evaluation_mode(model):
-            args, kwargs = _container_input(model, structure.container, inputs)
+            args, kwargs = capture_inputs(structure.container, lambda: _call(model, inputs))
             args, kwargs = _to64(args), _to64(kwargs)
             wide = copy.deepcopy(structure.container).to(torch.float64)
             narrow = copy.deepcopy(structure.container)

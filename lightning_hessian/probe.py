@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_hessian.operators import batch_size as count_samples
+
 __all__ = ["ProbeSet", "isolated_rng", "shard_indices"]
 
 
@@ -101,19 +103,6 @@ def _slice_batch(batch: Any, stop: int) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_slice_batch(v, stop) for v in batch)
     return batch
-
-
-def _batch_len(batch: Any) -> int:
-    """Number of samples in a batch: the length of its first tensor."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for value in values:
-        try:
-            return _batch_len(value)
-        except TypeError:
-            continue
-    raise TypeError(f"Cannot find a tensor in the batch of type {type(batch).__name__} to count its samples.")
 
 
 class ProbeSet:
@@ -195,7 +184,7 @@ class ProbeSet:
     def _from_iterable(cls, loader: DataLoader, count: int, transfer: Any) -> ProbeSet:
         batches, taken = [], 0
         for batch in loader:
-            size = _batch_len(batch)
+            size = count_samples(batch)
             if taken + size > count:
                 batch, size = _slice_batch(batch, count - taken), count - taken
             batches.append(transfer(batch))
