@@ -43,3 +43,21 @@ def test_budget_warning_and_bad_k():
         hessian_eigenvalues(model, loss_fn, batches, k=10, max_hvps=12)
     with pytest.raises(ValueError, match="positive integer"):
         hessian_eigenvalues(model, loss_fn, batches, k=0)
+
+
+def test_slq_and_hutchinson_on_a_real_hessian():
+    """SLQ with the canonical basis as probes is exact: moments equal tr(H^j)/P; Hutchinson within 3 stderr."""
+    from lightning_hessian import HessianOperator, hutchinson_trace, stochastic_lanczos_quadrature
+
+    model, loss_fn, batches = make_case("bn_tanh_ce", seed=4)
+    dense = dense_hessian(model, loss_fn, batches)
+    n = dense.shape[0]
+    operator = HessianOperator(model, loss_fn, batches, cache_graph=True)
+    quad = stochastic_lanczos_quadrature(operator.matvec, n, num_steps=6, probes=torch.eye(n, dtype=torch.float64))
+    for j in range(1, 6):
+        exact = float(torch.trace(torch.linalg.matrix_power(dense, j))) / n
+        assert quad.moment(j) == pytest.approx(exact, rel=1e-9, abs=1e-14)
+    grid = torch.linspace(float(quad.nodes.min()) - 1, float(quad.nodes.max()) + 1, 4001, dtype=torch.float64)
+    assert torch.trapezoid(quad.density(grid, sigma=0.05), grid).item() == pytest.approx(1.0, abs=1e-6)
+    estimate = hutchinson_trace(operator.matvec, n, num_samples=48, seed=3)
+    assert abs(estimate.value - float(torch.trace(dense))) <= 3 * estimate.stderr
