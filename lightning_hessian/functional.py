@@ -35,6 +35,7 @@ def hessian_eigenvalues(
     max_hvps: int | None = None,
     which: str = "largest",
     seed: int = 0,
+    cache_graph: bool = False,
 ) -> Tensor:
     r"""The ``k`` largest (algebraic) eigenvalues of the probe-loss Hessian, in descending order.
 
@@ -53,6 +54,8 @@ def hessian_eigenvalues(
         max_hvps: Budget of Hessian-vector products; None uses the solver's default.
         which: ``"largest"`` (descending) or ``"smallest"`` (the bottom-k, ascending).
         seed: Seed of the Lanczos start vector (identical on every rank).
+        cache_graph: Keep all batches' gradient graphs between products (about 2x faster per product, memory of
+            all batches' graphs at once); see :class:`~lightning_hessian.operators.HessianOperator`.
 
     Returns:
         A float64 tensor of ``min(k, num_params)`` eigenvalues.
@@ -72,7 +75,7 @@ def hessian_eigenvalues(
     """
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    operator = HessianOperator(model, loss_fn, batches, dtype=dtype)
+    operator = HessianOperator(model, loss_fn, batches, dtype=dtype, cache_graph=cache_graph)
     if k > operator.num_params:
         warnings.warn(
             f"k = {k} exceeds the number of trainable parameters ({operator.num_params}); "

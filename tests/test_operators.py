@@ -55,7 +55,7 @@ def test_gradient_and_loss_match_autograd():
     loss = sum(b[0].shape[0] * loss_fn(model, b) for b in batches) / total
     grads = torch.autograd.grad(loss, list(model.parameters()))
     model.train()
-    assert operator.loss() == pytest.approx(float(loss), rel=1e-13)
+    assert operator.loss() == pytest.approx(loss.item(), rel=1e-13)
     torch.testing.assert_close(operator.gradient(), torch.cat([g.reshape(-1) for g in grads]), rtol=1e-12, atol=1e-14)
 
 
