@@ -305,10 +305,8 @@ class HessianSpectrum(Callback):
             raise HessianConfigError(f"prefix must be a non-empty string without leading/trailing '/', got {prefix!r}.")
         if max_hvps is not None:
             _check_int("max_hvps", max_hvps, 1, "or None")
-        if max_seconds is not None and (
-            isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds > 0
-        ):
-            raise HessianConfigError(f"max_seconds must be a positive number or None, got {max_seconds!r}.")
+        if max_seconds is not None:
+            _check_number("max_seconds", max_seconds, "a positive number or None")
         if loss_fn is not None and not callable(loss_fn):
             raise HessianConfigError(f"loss_fn must be callable(pl_module, batch) -> Tensor or None, got {loss_fn!r}.")
         if powerlaw_every_n_epochs is not None:
@@ -319,20 +317,16 @@ class HessianSpectrum(Callback):
                     f"every_n_epochs={every_n_epochs} (or None)."
                 )
         _check_int("num_tracked", num_tracked, 2)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise HessianConfigError(f"tol must be in (0, 1), got {tol!r}.")
+        _check_number("tol", tol, "a number in (0, 1)", upper=1.0)
         _check_int("trace_samples", trace_samples, 1)
         _check_int("density_probes", density_probes, 1)
         _check_int("density_steps", density_steps, 2)
         if probe_batch_size is not None:
             _check_int("probe_batch_size", probe_batch_size, 1, "or None")
-        if max_overhead is not None and (
-            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0
-        ):
-            raise HessianConfigError(f"max_overhead must be a positive number or None, got {max_overhead!r}.")
-        for name, value in (("near_zero_threshold", near_zero_threshold), ("condensation_tol", condensation_tol)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise HessianConfigError(f"{name} must be a number in (0, 1), got {value!r}.")
+        if max_overhead is not None:
+            _check_number("max_overhead", max_overhead, "a positive number or None")
+        _check_number("near_zero_threshold", near_zero_threshold, "a number in (0, 1)", upper=1.0)
+        _check_number("condensation_tol", condensation_tol, "a number in (0, 1)", upper=1.0)
 
         self.top_k = top_k
         self.every_n_epochs = every_n_epochs
@@ -773,6 +767,12 @@ def _check_int(name: str, value: Any, minimum: int | None, extra: str = "") -> N
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
         raise HessianConfigError(f"{name} must be {allowed}{' ' + extra if extra else ''}, got {value!r}.")
+
+
+def _check_number(name: str, value: Any, allowed: str, upper: float = math.inf) -> None:
+    """``value`` must be a real number in the open interval ``(0, upper)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < upper:
+        raise HessianConfigError(f"{name} must be {allowed}, got {value!r}.")
 
 
 def _min_powerful_k(ks_level: float) -> int:

@@ -58,7 +58,7 @@ def hessian_eigenvalues(
             all batches' graphs at once); see :class:`~lightning_hessian.operators.HessianOperator`.
 
     Returns:
-        A float64 tensor of ``min(k, num_params)`` eigenvalues.
+        A tensor of ``min(k, num_params)`` eigenvalues in the products' ``dtype``, on the model's device.
 
     Raises:
         ValueError: For ``k < 1`` or invalid operator arguments.
@@ -102,4 +102,4 @@ def hessian_eigenvalues(
             ConvergenceWarning,
             stacklevel=2,
         )
-    return result.eigenvalues
+    return result.eigenvalues.to(device=operator.device, dtype=operator.dtype)

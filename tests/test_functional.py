@@ -25,6 +25,7 @@ def test_bottom_k_and_float32_model():
     model32 = model.float()
     batches32 = [(x.float(), y.float()) for x, y in batches]
     top = hessian_eigenvalues(model32, loss_fn, batches32, k=3, dtype=torch.float64)
+    assert hessian_eigenvalues(model32, loss_fn, batches32, k=3).dtype == torch.float32
     torch.testing.assert_close(top, reference.flip(0)[:3], rtol=1e-5, atol=0)
 
 
