@@ -441,7 +441,13 @@ class HessianSpectrum(Callback):
             writer = rp.find_tensorboard_writer(trainer)
             if writer is not None:
                 extra = self._per_layer_keys(pl_module) if self.per_layer else []
-                writer.add_custom_scalars(rp.custom_scalar_layout(self.prefix, extra))
+                layout = rp.custom_scalar_layout(
+                    self.prefix,
+                    extra,
+                    jacobian_prefix=self._jacobian.prefix if self._jacobian is not None else None,
+                    embedding_prefix=self._condensation.prefix if self._condensation is not None else None,
+                )
+                writer.add_custom_scalars(layout)
                 self._layout_written = True
 
     @override

@@ -231,11 +231,18 @@ def write_items(writer: Any, items: Iterable[TensorBoardItem], step: int) -> lis
     return written
 
 
-def custom_scalar_layout(prefix: str, extra_keys: Sequence[str] = ()) -> dict[str, dict[str, list[Any]]]:
-    """Custom-scalar layout (``SummaryWriter.add_custom_scalars``) of the core metrics under ``prefix``.
+def custom_scalar_layout(
+    prefix: str,
+    extra_keys: Sequence[str] = (),
+    *,
+    jacobian_prefix: str | None = None,
+    embedding_prefix: str | None = None,
+) -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalar layout (``SummaryWriter.add_custom_scalars``) of the metrics under ``prefix``.
 
     Chart entries are anchored regular expressions of the exact keys. ``extra_keys`` (e.g. per-layer keys) get one
-    chart each in a second category.
+    chart each in a second category; ``jacobian_prefix`` / ``embedding_prefix`` add the Jacobian-law and condensation
+    charts.
     """
 
     def tags(*names: str) -> list[Any]:
@@ -250,11 +257,25 @@ def custom_scalar_layout(prefix: str, extra_keys: Sequence[str] = ()) -> dict[st
             "KS distance vs critical value": tags(KS_DISTANCE, KS_CRITICAL),
             "power law accepted": tags(IS_POWER_LAW),
             "top-k subspace overlap": tags(SUBSPACE_OVERLAP),
+            "near-zero fraction (rank deficiency)": tags(NEAR_ZERO_FRACTION),
             "cost (HVPs, seconds)": tags(HVPS, PROBE_SECONDS),
         }
     }
     if extra_keys:
         layout[f"Hessian per layer ({prefix})"] = {k: ["Multiline", [f"^{re.escape(k)}$"]] for k in extra_keys}
+    if jacobian_prefix is not None:
+        jac = re.escape(jacobian_prefix)
+        layout[f"Jacobian law ({jacobian_prefix})"] = {
+            "FPT deciles (non-zero part)": ["Multiline", [rf"^{jac}/fpt_q\d+$"]],
+            "atom at zero, mean": ["Multiline", [f"^{jac}/atom_at_zero$", f"^{jac}/mean$"]],
+            "distance measured vs predicted": ["Multiline", [f"^{jac}/law_distance$"]],
+        }
+    if embedding_prefix is not None:
+        emb = re.escape(embedding_prefix)
+        layout[f"Neuron condensation ({embedding_prefix})"] = {
+            "effective width per layer": ["Multiline", [f"^{emb}/effective_width/.+$"]],
+            "merge output error": ["Multiline", [f"^{emb}/merge_output_error$"]],
+        }
     return layout
 
 

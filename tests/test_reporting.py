@@ -58,6 +58,12 @@ def test_custom_scalar_layout_regexes_match_only_their_keys():
     (pattern,) = charts["sharpness λ_max"][1]
     assert re.search(pattern, "hessian/lambda_max") and not re.search(pattern, "hessian/net.0/lambda_max")
     (layer_pattern,) = charts["hessian/net.0/lambda_max"][1]
+    full = rp.custom_scalar_layout("hessian", jacobian_prefix="jacobian", embedding_prefix="embedding")
+    full_charts = {title: spec for category in full.values() for title, spec in category.items()}
+    (deciles,) = full_charts["FPT deciles (non-zero part)"][1]
+    assert re.match(deciles, "jacobian/fpt_q10") and not re.match(deciles, "jacobian/fpt_qx")
+    (widths,) = full_charts["effective width per layer"][1]
+    assert re.match(widths, "embedding/effective_width/net.0") and not re.match(widths, "hessian/lambda_max")
     assert re.search(layer_pattern, "hessian/net.0/lambda_max") and not re.search(
         layer_pattern, "hessian/net10/lambda_max"
     )
