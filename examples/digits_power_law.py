@@ -78,7 +78,7 @@ def random_init_test(model: DigitsMLP, loader: DataLoader, k: int, samples: int)
     ds = loader.dataset
     batches = [(ds.tensors[0][i : i + 256], ds.tensors[1][i : i + 256]) for i in range(0, samples, 256)]
     op = HessianOperator(model, lambda m, b: m.hessian_loss(b), batches)
-    result = lanczos(op.matvec, op.num_params, k, tol=1e-3, seed=0, dtype=op.dtype)
+    result = lanczos(op.matvec, op.num_params, k, tol=1e-6, seed=0, dtype=op.dtype)
     fit = fit_power_law(result.eigenvalues, alpha=0.05)
     verdict = "power law" if fit.is_power_law else "NOT power law"
     return f"d_ks = {fit.ks_distance:.4f} vs d_c = {fit.ks_critical:.4f} -> {verdict} ({result.num_matvecs} HVPs)"
