@@ -211,7 +211,7 @@ class HessianSpectrum(Callback):
         tensorboard: write the TensorBoard extras when a TensorBoard logger is attached.
         max_overhead: overhead guard. After the first probe (which always runs), a scheduled probe is skipped while the
             probes' cumulative wall time exceeds ``max_overhead`` times the training time (everything between the
-            hooks), so probing costs at most about ``max_overhead / (1 + max_overhead)`` of the fit (20% by default)
+            hooks), so probing costs at most about ``max_overhead / (1 + max_overhead)`` of the fit (20% at 0.25)
             whatever the data set size; a full probe that falls due waits for the budget. The decision is taken by
             the slowest rank. ``None`` (default) probes exactly on schedule (reproducible epochs).
         jacobian: on full probes, log the free-probability prediction of the input-output Jacobian law (Chhaibi,
