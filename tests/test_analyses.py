@@ -76,7 +76,7 @@ def test_jacobian_condensation_and_near_zero_keys_match_direct_computation(tmp_p
     callback = _callback(density_probes=3, density_steps=20)
     trainer = _fit(model, callback, tmp_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    first = callback._probe.batches[0][0]
+    first = callback._runner.probe_set.batches[0][0]
 
     report = jacobian_report(model.net, first)
     for q, value in zip(DEFAULT_QUANTILES, report.quantiles):
@@ -93,7 +93,7 @@ def test_jacobian_condensation_and_near_zero_keys_match_direct_computation(tmp_p
     def loss_fn(m, b):
         return nn.functional.cross_entropy(m(b[0]), b[1])
 
-    operator = HessianOperator(model, loss_fn, callback._probe.batches, dtype=torch.float64)
+    operator = HessianOperator(model, loss_fn, callback._runner.probe_set.batches, dtype=torch.float64)
     estimate = near_zero_fraction(operator, num_probes=3, num_steps=20, seed=callback.seed + 104729)
     assert metrics["hessian/near_zero_fraction"] == pytest.approx(estimate.fraction, abs=1e-9)
     assert 0.0 <= metrics["hessian/near_zero_fraction"] <= 1.0

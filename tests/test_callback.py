@@ -584,11 +584,11 @@ def test_probe_under_true_precision_plugins(tmp_path, precision):
 def test_subspace_overlap_formula():
     cb = HessianSpectrum(num_tracked=2, **QUIET)
     eye = torch.eye(5, dtype=torch.float64)
-    assert cb._update_vectors(eye[:, :2]) == 0.0
+    assert cb._runner._update_vectors(eye[:, :2]) == 0.0
     theta = 0.3
     rotated = torch.stack([eye[:, 0], math.cos(theta) * eye[:, 1] + math.sin(theta) * eye[:, 2]], dim=1)
     # ||V_prev^T V_cur||_F^2 / k = (1 + cos^2 theta) / 2, invariant to signs and to rotations inside the span
-    assert cb._update_vectors(-rotated) == pytest.approx((1 + math.cos(theta) ** 2) / 2, rel=1e-6)
-    assert cb._update_vectors(rotated @ torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)) == pytest.approx(
-        1.0, rel=1e-6
-    )
+    assert cb._runner._update_vectors(-rotated) == pytest.approx((1 + math.cos(theta) ** 2) / 2, rel=1e-6)
+    assert cb._runner._update_vectors(
+        rotated @ torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+    ) == pytest.approx(1.0, rel=1e-6)

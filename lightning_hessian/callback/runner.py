@@ -1,0 +1,291 @@
+"""One probe of :class:`~lightning_hessian.callback.HessianSpectrum`: prepare, top eigenpairs, analyses, failures.
+
+:class:`ProbeRunner` holds what lives from one probe to the next (the probe set, the tracked Ritz vectors for the warm
+start and the subspace overlap, the stateful analyses) and runs one probe into ``(scalars, TensorBoard items)``.
+Every go/no-go decision is taken jointly by all ranks, so a failure on one rank gives NaN (or ``ProbeFailure`` with
+``strict=True``) on every rank and never a hang.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_hessian.callback import reporting as rp
+from lightning_hessian.callback.analyses import (
+    Analysis,
+    CondensationAnalysis,
+    DensityAnalysis,
+    JacobianAnalysis,
+    PerLayerAnalysis,
+    PowerLawAnalysis,
+    ProbeBudget,
+    ProbeContext,
+    ProbeFailure,
+    TraceAnalysis,
+    any_rank,
+    world_size,
+)
+from lightning_hessian.callback.config import MAX_TOP_K_FRACTION, ProbeConfig
+from lightning_hessian.callback.loss import default_loss
+from lightning_hessian.callback.probe import ProbeSet
+from lightning_hessian.lanczos import EigenResult, lanczos
+from lightning_hessian.operators import HessianOperator, batch_size, evaluation_mode
+from lightning_hessian.powerlaw import spectral_gap
+
+__all__ = ["ProbeRunner", "sibling_prefix"]
+
+_CORE = (rp.LAMBDA_MAX, rp.SPECTRAL_GAP, rp.SPECTRAL_GAP_RATIO, rp.SUBSPACE_OVERLAP)
+
+
+def sibling_prefix(prefix: str, family: str) -> str:
+    """Prefix of a sibling metric family (``jacobian``, ``embedding``) of the callback's ``prefix``.
+
+    ``hessian`` -> ``jacobian``, ``val_hessian`` -> ``val_jacobian``, else ``f"{prefix}_{family}"``, so two callback
+    instances with distinct prefixes never collide.
+    """
+    return prefix.replace("hessian", family) if "hessian" in prefix else f"{prefix}_{family}"
+
+
+class ProbeRunner:
+    """Runs probes for one callback configuration.
+
+    Args:
+        config: the validated callback configuration.
+
+    Attributes:
+        analyses: extra analyses run after the built-in ones (see :class:`~lightning_hessian.callback.Analysis`).
+        vectors: the last probe's top ``num_tracked`` Ritz vectors (float32, CPU), or ``None``.
+        probe_set: the cached probe set (``None`` until the first probe, reset at ``setup``).
+    """
+
+    def __init__(self, config: ProbeConfig) -> None:
+        self.config = config
+        prefix = config.prefix
+        self.jacobian = JacobianAnalysis(sibling_prefix(prefix, "jacobian")) if config.jacobian else None
+        self.condensation = (
+            CondensationAnalysis(sibling_prefix(prefix, "embedding"), config.condensation_tol)
+            if config.embedding
+            else None
+        )
+        self.analyses: list[Analysis] = []
+        self.vectors: Tensor | None = None
+        self.probe_set: ProbeSet | None = None
+        self._warned_clamp = False
+
+    # ------------------------------------------------------------------ keys
+    def key(self, name: str) -> str:
+        """Logged key of a core metric name."""
+        return rp.metric_key(self.config.prefix, name)
+
+    def core_keys(self) -> list[str]:
+        """Keys of the top-eigenpair part (NaN-filled together when it fails)."""
+        return [self.key(n) for n in _CORE]
+
+    def built_analyses(self, full: bool) -> list[Analysis]:
+        """The analyses a full (or cheap) probe runs, in order."""
+        c = self.config
+        built: list[Analysis] = []
+        if c.powerlaw_every_n_epochs is not None:
+            built.append(PowerLawAnalysis(c.ks_level, c.top_k))
+        if c.trace:
+            built.append(TraceAnalysis(c.trace_samples))
+        if c.density or c.near_zero:
+            built.append(
+                DensityAnalysis(
+                    c.density_probes,
+                    c.density_steps,
+                    histogram=c.density,
+                    near_zero=c.near_zero,
+                    near_zero_threshold=c.near_zero_threshold,
+                )
+            )
+        if c.per_layer:
+            built.append(PerLayerAnalysis(c.top_k, c.ks_level, c.tol))
+        built += [a for a in (self.jacobian, self.condensation) if a is not None]
+        return [a for a in (*built, *self.analyses) if full or not a.full_only]
+
+    def logged_keys(self, pl_module: Any = None) -> list[str]:
+        """Every scalar key this configuration can log."""
+        keys = [*self.core_keys(), self.key(rp.HVPS), self.key(rp.PROBE_SECONDS)]
+        for analysis in self.built_analyses(full=True):
+            keys += analysis.keys(self.config.prefix, pl_module)
+        return keys
+
+    # ------------------------------------------------------------------ probe
+    def run(self, trainer: Any, pl_module: Any, full: bool) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
+        """One probe: ``(scalars to log, TensorBoard items)``; failures become warnings and NaN (or raise)."""
+        label = f"HessianSpectrum[{self.config.prefix}] epoch {trainer.current_epoch}"
+        start = time.perf_counter()
+        rank_zero_info(f"{label}: {'full' if full else 'cheap'} probe started")
+        scalars: dict[str, float] = {}
+        items: list[rp.TensorBoardItem] = []
+        analyses = self.built_analyses(full)
+
+        ctx, error = self._prepare(trainer, pl_module, full, label)
+        if ctx is None:
+            groups = [self.core_keys(), *(a.keys(self.config.prefix, pl_module) for a in analyses)]
+            self._fail(f"the probe could not start: {error}", groups, scalars)
+            scalars[self.key(rp.HVPS)] = 0.0
+            scalars[self.key(rp.PROBE_SECONDS)] = time.perf_counter() - start
+            return scalars, items
+
+        try:
+            ctx.top = self._top_eigenpairs(ctx, full)
+            eig = ctx.top.eigenvalues.detach().to("cpu", torch.float64)
+            gap, ratio = spectral_gap(eig) if eig.numel() >= 2 else (math.nan, math.nan)
+            scalars[self.key(rp.LAMBDA_MAX)] = float(eig[0])
+            scalars[self.key(rp.SPECTRAL_GAP)] = gap
+            scalars[self.key(rp.SPECTRAL_GAP_RATIO)] = ratio
+            scalars[self.key(rp.SUBSPACE_OVERLAP)] = self._update_vectors(ctx.top.eigenvectors)
+            items.append(rp.Histogram(self.key("eigenvalues"), eig))
+            failed = False
+        except Exception as exc:  # noqa: BLE001 - any failure becomes a warning + NaN (or strict error)
+            failed, error = True, exc
+        if any_rank(failed, ctx.operator.device):
+            ctx.top = None
+            self._fail(f"top eigenpairs: {error}", [self.core_keys()], scalars)
+
+        for analysis in analyses:
+            try:
+                result = analysis(ctx)
+                failed = False
+            except Exception as exc:  # noqa: BLE001
+                failed, error, result = True, exc, None
+            if any_rank(failed, ctx.operator.device):
+                self._fail(f"{analysis.name}: {error}", [analysis.keys(self.config.prefix, pl_module)], scalars)
+            elif result is not None:
+                if getattr(analysis, "rank_local", False) and world_size() > 1:
+                    # values that depend on this rank's probe inputs: every rank logs rank 0's
+                    shared = [result.scalars]
+                    dist.broadcast_object_list(shared, src=0)
+                    result.scalars = shared[0]
+                scalars.update(result.scalars)
+                items.extend(result.items)
+        seconds = time.perf_counter() - start
+        scalars[self.key(rp.HVPS)] = float(ctx.budget.hvps)
+        scalars[self.key(rp.PROBE_SECONDS)] = seconds
+        rank_zero_info(f"{label}: done, {ctx.budget.hvps} HVPs in {seconds:.2f} s")
+        return scalars, items
+
+    def _prepare(self, trainer: Any, pl_module: Any, full: bool, label: str) -> tuple[ProbeContext | None, Any]:
+        """Probe set, operator and a finite-loss check; the go/no-go decision is taken jointly by all ranks."""
+        c = self.config
+        error: Any = None
+        loss_fn = c.loss_fn if c.loss_fn is not None else default_loss
+        local = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # [sum n_b l_b, sum n_b, failed]
+        batches: list[Any] = []
+        try:
+            if self.probe_set is None:
+                self.probe_set = ProbeSet.from_trainer(
+                    trainer, pl_module, c.probe_samples, seed=c.seed, batch_size=c.probe_batch_size
+                )
+            batches = self.probe_set.batches
+            with torch.no_grad(), evaluation_mode(pl_module):
+                for batch in batches:
+                    count = batch_size(batch)
+                    value = loss_fn(pl_module, batch)
+                    local[0] += count * float(value.detach().reshape(()))
+                    local[1] += count
+        except Exception as exc:  # noqa: BLE001
+            local[2] = 1.0
+            error = exc
+        if world_size() > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        if local[2] > 0:
+            return None, error if error is not None else "it failed on another rank"
+        loss = float(local[0] / local[1]) if local[1] > 0 else math.nan
+        if not math.isfinite(loss):
+            return None, f"the probe loss is not finite ({loss})"
+        dtype = self.torch_dtype(pl_module)
+        operator = HessianOperator(pl_module, loss_fn, batches, dtype=dtype, cache_graph=c.cache_graph)
+        budget = ProbeBudget(operator.device, c.max_hvps, c.max_seconds, label)
+        ctx = ProbeContext(
+            trainer=trainer,
+            pl_module=pl_module,
+            operator=operator,
+            matvec=budget.bind(operator),
+            budget=budget,
+            batches=batches,
+            loss_fn=loss_fn,
+            dtype=dtype,
+            prefix=c.prefix,
+            seed=c.seed,
+            full=full,
+            loss=loss,
+        )
+        return ctx, None
+
+    def _top_eigenpairs(self, ctx: ProbeContext, full: bool) -> EigenResult:
+        c = self.config
+        n = ctx.operator.num_params
+        k = c.top_k if full else c.num_tracked
+        if k > n:
+            if full and not self._warned_clamp:
+                rank_zero_warn(f"HessianSpectrum: top_k={c.top_k} exceeds the {n} trainable parameters; using {n}.")
+                self._warned_clamp = True
+            k = n
+        elif full and not self._warned_clamp and k > MAX_TOP_K_FRACTION * n:
+            rank_zero_warn(
+                f"HessianSpectrum: top_k={k} is {100 * k / n:.0f}% of the {n} parameters; the power law describes the "
+                "top of the spectrum (on digits K = 16% of the parameters rejected a trained net). Prefer <= 10%."
+            )
+            self._warned_clamp = True
+        start = None
+        if self.vectors is not None and self.vectors.shape[0] == n:
+            start = self.vectors.to(device=ctx.operator.device, dtype=ctx.dtype).sum(dim=1)
+        result = lanczos(
+            ctx.matvec,
+            n,
+            k,
+            tol=c.tol,
+            max_matvecs=ctx.budget.remaining(),
+            seed=c.seed,
+            dtype=ctx.dtype,
+            device=ctx.operator.device,
+            start=start,
+            return_eigenvectors=True,
+        )
+        if not result.converged:
+            raise ProbeFailure(
+                f"Lanczos did not converge to tol={c.tol} within {result.num_matvecs} HVPs "
+                f"(largest relative residual {float(result.residual_norms.max()):.2e}); raise max_hvps or tol"
+            )
+        if not bool(torch.isfinite(result.eigenvalues).all()):
+            raise ProbeFailure("non-finite eigenvalues")
+        return result
+
+    def _update_vectors(self, vectors: Tensor | None) -> float:
+        """Overlap with the previous probe's top-k Ritz vectors (0.0 on the first probe); keeps the current ones."""
+        if vectors is None:
+            return math.nan
+        current = vectors[:, : self.config.num_tracked].detach().to("cpu", torch.float64)
+        overlap = 0.0  # no previous subspace: 0 (finite, so a monitor with check_finite=True is not stopped)
+        if self.vectors is not None and self.vectors.shape[0] == current.shape[0]:
+            previous = self.vectors.to(torch.float64)
+            k = min(previous.shape[1], current.shape[1])
+            overlap = float((previous[:, :k].T @ current[:, :k]).pow(2).sum() / k)
+        self.vectors = current.to(torch.float32)
+        return overlap
+
+    def _fail(self, reason: str, key_groups: list[list[str]], scalars: dict[str, float]) -> None:
+        message = f"HessianSpectrum[{self.config.prefix}]: probe failed ({reason})."
+        if self.config.strict:
+            raise ProbeFailure(message)
+        rank_zero_warn(message + (" Logging NaN." if self.config.nan_on_failure else " Logging nothing."))
+        if self.config.nan_on_failure:
+            for keys in key_groups:
+                scalars.update(dict.fromkeys(keys, math.nan))
+
+    def torch_dtype(self, pl_module: Any) -> torch.dtype:
+        """The products' dtype: the configured one, else the model's (float32 for half precision)."""
+        if self.config.dtype is not None:
+            return getattr(torch, self.config.dtype)
+        model_dtype = next((p.dtype for p in pl_module.parameters() if p.requires_grad), torch.float32)
+        return model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32

@@ -1,0 +1,330 @@
+r"""HessianSpectrum: a Lightning callback that probes the Hessian spectrum at epoch boundaries.
+
+One *probe* evaluates the Hessian :math:`H = \nabla^2 L(\theta)` of the probe loss
+:math:`L = \frac1N\sum_j \ell(\theta; x_j)` over a fixed, seeded probe set
+(:mod:`lightning_hessian.callback.probe`) with Hessian-vector products
+(:class:`~lightning_hessian.operators.HessianOperator`), and logs scalars through ``pl_module.log`` (so
+``EarlyStopping``/``ModelCheckpoint`` see them in the same epoch) plus TensorBoard extras on rank 0
+(:mod:`lightning_hessian.callback.reporting`). The callback is glue: the math lives in the solver modules.
+
+Schedule. A *cheap* probe (warm-started Lanczos for the top ``num_tracked`` eigenpairs: ``lambda_max``, the spectral
+gap, the subspace overlap, and Hutchinson's trace) runs on every ``every_n_epochs``-th call of the hook; every
+``powerlaw_every_n_epochs // every_n_epochs``-th probe, starting with the first, is a *full* probe that also computes
+the top ``top_k`` eigenvalues for the power-law test of Xie et al. (2022) and, if ``density``, the SLQ density
+(Ghorbani et al. 2019). Cost: one HVP costs 1.3-2.5 gradient evaluations of the probe set (2.4 measured on the
+digits MLP); a cheap probe takes about ``num_tracked + 20 + trace_samples`` HVPs (45-52 with the defaults), a full probe
+about ``4-6 top_k`` more for the Lanczos top-K (900-1250 at K = 200 on digits) plus ``density_probes * density_steps``
+(256) for the density.
+
+What a key holds (EarlyStopping reads ``trainer.callback_metrics``, which keeps a key's last logged value):
+
+* probe that succeeded: the fresh value;
+* epoch without a probe, or a cheap probe for the full-probe keys (``powerlaw_*``, ``ks_*``, ``is_power_law``):
+  nothing is logged, so monitors see the value of the last probe that computed the key (stale; with
+  ``every_n_epochs = n`` an ``EarlyStopping`` checking every epoch spends ``n - 1`` units of patience per probe
+  without a change: set ``patience`` in epochs, ``>= n`` times the number of probes you want to wait);
+* failed probe (non-finite loss or product, solver not converged within ``max_hvps``/``max_seconds``, unusable
+  spectrum): a warning and NaN for the failed analysis' keys (``hvps`` and ``probe_seconds`` stay real), so the
+  dashboard shows the gap; ``EarlyStopping(check_finite=True)`` (its default) then stops training. Pass
+  ``nan_on_failure=False`` to log nothing instead (monitors keep the last good value), or ``strict=True`` to raise.
+
+Every key the configuration computes is logged by the first probe, which runs on the first call of the hook, so an
+``EarlyStopping(strict=True)`` finds its key at its first check when both run at the same hook.
+
+Overhead guard (``max_overhead``, off by default so that probes run exactly on schedule): when set, scheduled probes
+beyond the first are skipped (keys stay stale, as on epochs without a probe) while the probes' cumulative time exceeds
+``max_overhead`` times the training time, so the overhead stays near ``max_overhead / (1 + max_overhead)`` of the fit
+on any data set size (recommended for long runs on large data sets, e.g. 0.25).
+
+Further analyses (typed on/off switches, each computed when the architecture is supported and skipped with one
+warning otherwise): ``jacobian`` (free-probability law of the input-output JᵀJ vs its measured spectrum, Chhaibi et
+al. 2022; keys ``jacobian/...``), ``embedding`` (neuron condensation and effective widths, Zhang et al. 2021; keys
+``embedding/...``) and ``near_zero`` (SLQ near-zero fraction of the Hessian spectrum, Singh et al. 2021; key
+``hessian/near_zero_fraction``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_hessian.callback import reporting as rp
+from lightning_hessian.callback.analyses import Analysis, PerLayerAnalysis, any_rank, world_size
+from lightning_hessian.callback.config import HessianConfigError, ProbeConfig
+from lightning_hessian.callback.monitors import check_monitors
+from lightning_hessian.callback.probe import isolated_rng
+from lightning_hessian.callback.runner import ProbeRunner
+from lightning_hessian.callback.schedule import ProbeSchedule
+
+__all__ = ["HessianSpectrum"]
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(ProbeConfig))
+
+
+class HessianSpectrum(Callback):
+    r"""Watch the Hessian spectrum of the training loss at epoch boundaries and log it for monitors and TensorBoard.
+
+    Logs (keys with ``prefix="hessian"``) ``hessian/lambda_max``, ``hessian/spectral_gap``,
+    ``hessian/spectral_gap_ratio``, ``hessian/trace``, ``hessian/subspace_overlap``, ``hessian/hvps``,
+    ``hessian/probe_seconds`` on every probe and ``hessian/powerlaw_beta``, ``hessian/powerlaw_s``,
+    ``hessian/powerlaw_beta_stderr``, ``hessian/ks_distance``, ``hessian/ks_critical``, ``hessian/is_power_law`` on full
+    probes (see :data:`lightning_hessian.callback.reporting.METRICS`). The power-law test fits
+    :math:`\hat\beta = 1 + K / \sum_{i\le K}\ln(\lambda_i/\lambda_K)` to the top ``K = top_k`` eigenvalues and accepts
+    when :math:`d_{ks} < c(\alpha)/\sqrt K` (Xie et al. 2022). The subspace overlap of consecutive probes is
+    :math:`\|V_{\text{prev}}^\top V_{\text{cur}}\|_F^2 / k` over the top ``k = num_tracked`` Ritz vectors (1: the same
+    subspace; Xie et al.'s Davis-Kahan argument makes the top of a power-law spectrum stable), and each probe's Lanczos
+    starts from the sum of the previous probe's Ritz vectors (warm start).
+
+    Choosing ``top_k``: on scikit-learn digits (2-layer ReLU FCN, 6,310 parameters) the KS test separates a trained net
+    (d_ks 0.028-0.049) from random init (d_ks 0.103 at K = 200) only for K >= 200; at K = 50/100 random init passes
+    too (d_c = 1.36/sqrt(K) = 0.19/0.14 exceeds its d_ks) and at K = 1000 (16% of the parameters) the trained net fails,
+    because the bulk is not a power law. Take the smallest K with d_c(K) < 0.1 (K >= 185 at ks_level 0.05, hence the
+    default 200) and at most about 10% of the parameters; the callback warns outside that range and clamps K to the
+    parameter count.
+
+    Args:
+        top_k: eigenvalues ``K`` for the power-law test (full probes).
+        every_n_epochs: probe on every n-th call of the ``when`` hook, starting with the first (epochs 0, n, 2n, ...).
+        probe_samples: global number of probe samples of the training data, split evenly across ranks (each rank draws
+            its share from its own strided shard); ``>= len(dataset)`` probes the whole data set.
+        seed: seed of the probe-sample choice and of every random vector (the global RNGs are never touched).
+        dtype: ``"float32"`` or ``"float64"`` products; ``None`` uses the model's dtype (float32 for half precision).
+        when: ``"train_epoch_end"`` (default: visible to a default ``EarlyStopping`` in the same epoch) or
+            ``"validation_epoch_end"`` (skips the sanity check; also works under ``trainer.validate()``).
+        density: on full probes, write the SLQ spectral density as a TensorBoard raw histogram.
+        trace: log Hutchinson's estimate of ``tr(H)`` on every probe.
+        ks_level: significance level of the KS test, one of 0.2, 0.15, 0.1, 0.05, 0.01.
+        prefix: replaces ``hessian`` in every key; distinct prefixes let two instances coexist.
+        max_hvps: budget of HVPs per probe (``None``: the solvers' own limits); an exhausted budget fails the probe.
+        max_seconds: wall-clock budget per probe (decided jointly by all ranks); an exhausted budget fails the probe.
+        strict: raise :class:`ProbeFailure` instead of warning and logging NaN when a probe fails.
+        loss_fn: ``loss_fn(pl_module, batch) -> batch-mean loss``; ``None`` uses :func:`default_loss`
+            (``pl_module.hessian_loss(batch)`` if defined, else ``training_step`` with logging silenced).
+        powerlaw_every_n_epochs: run the full probe (power-law test, density) every this many epochs, a multiple of
+            ``every_n_epochs``; ``None`` never runs it.
+        num_tracked: eigenpairs of the cheap probe (``lambda_max``, gap, overlap, warm start); ``>= 2``.
+        tol: relative Lanczos residual tolerance.
+        trace_samples: Rademacher probes of Hutchinson's trace estimator.
+        density_probes: SLQ probe vectors.
+        density_steps: Lanczos steps per SLQ probe vector.
+        probe_batch_size: samples per probe batch (memory only; ``None``: the training batch size).
+        per_layer: also log ``<prefix>/<module name>/lambda_max`` per module that owns parameters and, on full probes,
+            ``<prefix>/<module name>/powerlaw_beta`` of that parameter block's Hessian.
+        nan_on_failure: on a failed probe log NaN (default) or nothing (monitors keep the last good value).
+        tensorboard: write the TensorBoard extras when a TensorBoard logger is attached.
+        max_overhead: overhead guard. After the first probe (which always runs), a scheduled probe is skipped while the
+            probes' cumulative wall time exceeds ``max_overhead`` times the training time (everything between the
+            hooks), so probing costs at most about ``max_overhead / (1 + max_overhead)`` of the fit (20% at 0.25)
+            whatever the data set size; a full probe that falls due waits for the budget. The decision is taken by
+            the slowest rank. ``None`` (default) probes exactly on schedule (reproducible epochs).
+        jacobian: on full probes, log the free-probability prediction of the input-output Jacobian law (Chhaibi,
+            Daouda & Kahn 2022) of the module's MLP with its actual weights: ``jacobian/fpt_q10`` ...
+            ``jacobian/fpt_q90`` (quantiles of the law's non-zero part), ``jacobian/atom_at_zero``,
+            ``jacobian/mean``, and ``jacobian/law_distance`` (Kolmogorov distance to the measured spectrum of JᵀJ at
+            the probe inputs); TensorBoard: predicted density and an overlay figure. Skipped with one warning when the
+            module holds no supported MLP (``nn.Linear`` + element-wise activations).
+        embedding: on every probe, log the neuron condensation of the MLP (embedding principle, Zhang et al. 2021):
+            ``embedding/effective_width/<layer name>`` per hidden Linear and ``embedding/merge_output_error``.
+            Skipped with one warning for unsupported architectures.
+        near_zero: on full probes, log ``hessian/near_zero_fraction``, the SLQ estimate of the fraction of Hessian
+            eigenvalues with ``|λ| <= near_zero_threshold * max|λ|`` (rank deficiency, Singh et al. 2021).
+        near_zero_threshold: relative threshold of ``near_zero``, in (0, 1).
+        condensation_tol: clustering tolerance of ``embedding`` (see :func:`lightning_hessian.embedding.condensation`),
+            in (0, 1).
+        cache_graph: keep the probe batches' gradient graphs during a probe, so each HVP is one backward pass (about
+            1.4-1.9 gradient evaluations instead of 2.5-2.8) at the memory cost of all probe batches' graphs at once;
+            set False for large models.
+
+    Raises:
+        HessianConfigError: (a ``MisconfigurationException`` and ``ValueError``) for an invalid argument, naming the
+            value and what is allowed.
+
+    Example::
+
+        >>> from lightning.pytorch.callbacks import EarlyStopping
+        >>> callbacks = [HessianSpectrum(top_k=200, probe_samples=512),
+        ...              EarlyStopping(monitor="hessian/ks_distance", mode="min", patience=20)]
+    """
+
+    def __init__(
+        self,
+        top_k: int = 200,
+        every_n_epochs: int = 1,
+        probe_samples: int = 512,
+        seed: int = 0,
+        dtype: Literal["float32", "float64"] | None = None,
+        when: Literal["train_epoch_end", "validation_epoch_end"] = "train_epoch_end",
+        density: bool = True,
+        trace: bool = True,
+        ks_level: float = 0.05,
+        prefix: str = "hessian",
+        max_hvps: int | None = None,
+        max_seconds: float | None = None,
+        strict: bool = False,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
+        powerlaw_every_n_epochs: int | None = 10,
+        num_tracked: int = 8,
+        tol: float = 1e-6,
+        trace_samples: int = 16,
+        density_probes: int = 4,
+        density_steps: int = 64,
+        probe_batch_size: int | None = None,
+        per_layer: bool = False,
+        nan_on_failure: bool = True,
+        tensorboard: bool = True,
+        max_overhead: float | None = None,
+        jacobian: bool = True,
+        embedding: bool = True,
+        near_zero: bool = True,
+        near_zero_threshold: float = 1e-3,
+        condensation_tol: float = 1e-3,
+        cache_graph: bool = True,
+    ) -> None:
+        args = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
+        #: The validated arguments (also readable as attributes of the callback, e.g. ``callback.top_k``).
+        self.config = ProbeConfig(**args)
+        warning = self.config.low_power_warning()
+        if warning is not None:
+            rank_zero_warn(warning)
+        self._runner = ProbeRunner(self.config)
+        self._schedule = ProbeSchedule(self.config.every_n_epochs, self.config.full_every, self.config.max_overhead)
+        #: Extra analyses run on every probe after the built-in ones (see :class:`Analysis`).
+        self.analyses: list[Analysis] = self._runner.analyses
+        #: One entry per probe: ``{"epoch", "full", "metrics"}``.
+        self.history: list[dict[str, Any]] = []
+        self._layout_written = False
+        self._warned_overhead = False
+
+    def __getattr__(self, name: str) -> Any:
+        # the arguments live in ``self.config``; guard against lookups before it exists (unpickling)
+        if name in _CONFIG_FIELDS and "config" in self.__dict__:
+            return getattr(self.__dict__["config"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # ------------------------------------------------------------------ state
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, probe_samples=self.probe_samples, seed=self.seed)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        vectors = self._runner.vectors
+        return {
+            "history": [dict(h) for h in self.history],
+            **self._schedule.state_dict(),
+            "ritz_vectors": None if vectors is None else vectors.detach().to("cpu", torch.float32).clone(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._schedule.load_state_dict(state_dict)
+        vectors = state_dict.get("ritz_vectors")
+        self._runner.vectors = None if vectors is None else vectors.clone()
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.loss_fn is None and not callable(getattr(pl_module, "hessian_loss", None)):
+            if not getattr(pl_module, "automatic_optimization", True):
+                raise HessianConfigError(
+                    "HessianSpectrum's default loss calls training_step, which steps the optimizers under manual "
+                    "optimization; define `hessian_loss(self, batch)` on the module or pass `loss_fn=`."
+                )
+        self._runner.probe_set = None
+        self._layout_written = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "validation_epoch_end" and (
+            not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0
+        ):
+            rank_zero_warn(
+                "HessianSpectrum(when='validation_epoch_end') never probes during fit: there is no validation loop "
+                "(no validation_step or limit_val_batches=0). Use when='train_epoch_end'."
+            )
+        check_monitors(trainer, self.prefix, self.when, self.every_n_epochs, self.logged_keys(pl_module))
+        if self.tensorboard and not self._layout_written:
+            writer = rp.find_tensorboard_writer(trainer)
+            if writer is not None:
+                runner = self._runner
+                extra = PerLayerAnalysis(self.top_k, self.ks_level, self.tol).keys(self.prefix, pl_module)
+                layout = rp.custom_scalar_layout(
+                    self.prefix,
+                    extra if self.per_layer else [],
+                    jacobian_prefix=runner.jacobian.prefix if runner.jacobian is not None else None,
+                    embedding_prefix=runner.condensation.prefix if runner.condensation is not None else None,
+                )
+                writer.add_custom_scalars(layout)
+                self._layout_written = True
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._schedule.training_started()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "train_epoch_end":
+            self._on_hook(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "validation_epoch_end" and not trainer.sanity_checking:
+            self._on_hook(trainer, pl_module)
+
+    # ------------------------------------------------------------------ probe
+    def _on_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._schedule.hook_started()
+        try:
+            self._maybe_probe(trainer, pl_module)
+        finally:
+            self._schedule.hook_ended()
+
+    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+        schedule = self._schedule
+        kind = schedule.plan(fitting, agree=lambda flag: any_rank(flag, pl_module.device))
+        if kind is None:
+            if schedule.calls % self.every_n_epochs == 0 and not self._warned_overhead:
+                rank_zero_info(
+                    f"HessianSpectrum[{self.prefix}]: skipping probes to keep probe time <= max_overhead="
+                    f"{self.max_overhead} x training time ({schedule.probe_seconds:.1f} s of probes vs "
+                    f"{schedule.train_seconds:.1f} s of training); keys keep their last value. Set "
+                    "max_overhead=None to probe on schedule."
+                )
+                self._warned_overhead = True
+            schedule.commit(None)
+            return
+        start = time.perf_counter()
+        with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
+            scalars, items = self._runner.run(trainer, pl_module, kind == "full")
+        rp.log_scalars(pl_module, scalars, sync_dist=world_size() > 1)
+        self.history.append({"epoch": trainer.current_epoch, "full": kind == "full", "metrics": dict(scalars)})
+        schedule.commit(kind, time.perf_counter() - start)
+        if self.tensorboard:
+            writer = rp.find_tensorboard_writer(trainer)
+            if writer is not None:
+                rp.write_items(writer, items, self._tensorboard_step(trainer))
+
+    def _tensorboard_step(self, trainer: pl.Trainer) -> int:
+        """The step at which Lightning writes this hook's epoch-level scalars (so histograms line up with them)."""
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        stepped = getattr(loop, "_batches_that_stepped", None)
+        if stepped is None:
+            return int(trainer.global_step)
+        return max(int(stepped) - 1, 0) if self.when == "train_epoch_end" else int(stepped)
+
+    def logged_keys(self, pl_module: Any = None) -> list[str]:
+        """Every scalar key this configuration can log (for monitors and dashboards)."""
+        return self._runner.logged_keys(pl_module)
