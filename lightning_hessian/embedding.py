@@ -145,9 +145,12 @@ class MLPStructure:
 
     @property
     def odd(self) -> list[bool]:
-        r"""For each hidden layer, whether its activation chain is odd, :math:`\sigma(-z) = -\sigma(z)` (tanh,
-        softsign, identity, shrink functions, a symmetric hardtanh; the last module may be odd up to a constant,
-        :math:`\sigma(-z) = c - \sigma(z)`: sigmoid, hardsigmoid). ReLU, LeakyReLU, GELU, SiLU, ... are not."""
+        r"""For each hidden layer, whether its activation chain is odd.
+
+        Odd: :math:`\sigma(-z) = -\sigma(z)` (tanh, softsign, identity, shrink functions, a symmetric hardtanh);
+        the last module may be odd up to a constant, :math:`\sigma(-z) = c - \sigma(z)` (sigmoid, hardsigmoid).
+        ReLU, ReLU6, LeakyReLU, GELU, SiLU, ... are not.
+        """
         return [_is_odd_chain(chain) for chain in self.activations]
 
 
