@@ -44,8 +44,11 @@ from lightning_hessian.errors import UnsupportedArchitectureError
 from .operators import evaluation_mode
 
 __all__ = [
+    "DEFAULT_ORIENTATION_TOL",
+    "DEFAULT_OUTPUT_TOL",
     "CondensationReport",
     "LayerCondensation",
+    "LayerOrientation",
     "MLPStructure",
     "UnsupportedArchitectureError",
     "capture_inputs",
@@ -53,12 +56,18 @@ __all__ = [
     "condensation_report",
     "merge_condensed",
     "mlp_structure",
+    "orientation_condensation",
     "predicted_extra_zero_eigenvalues",
     "split_neuron",
 ]
 
 #: Default relative tolerance of :func:`condensation` (see there for its meaning).
 DEFAULT_TOL = 1e-3
+#: Default cosine tolerance of :func:`orientation_condensation`: neurons are aligned when ``1 - |cos| <= 1e-3``
+#: (an angle of at most 2.56 degrees). Chosen from ``examples/condensation_small_init.py``.
+DEFAULT_ORIENTATION_TOL = 1e-3
+#: Default relative importance below which :func:`orientation_condensation` ignores a neuron.
+DEFAULT_OUTPUT_TOL = 1e-2
 
 # Element-wise activations that are positively homogeneous of degree one: sigma(c z) = c sigma(z) for c > 0.
 # Dropout is the identity in eval mode (and a per-neuron random mask in training, where no split is exact).
@@ -86,6 +95,19 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (
 )
 # Allowed after the last Linear only (they act on the output, which embeddings preserve exactly).
 _OUTPUT_ONLY: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax)
+# Odd activations, sigma(-z) = -sigma(z): w and -w give the same orientation (the neuron's sign goes to its output).
+_ODD: tuple[type[nn.Module], ...] = (
+    nn.Tanh,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Softshrink,
+    nn.Hardshrink,
+    nn.Identity,
+    nn.Dropout,
+    nn.AlphaDropout,
+)
+# Odd up to a constant, sigma(-z) = c - sigma(z) (the constant goes to the next layer's bias); allowed last in a chain.
+_ODD_UP_TO_CONSTANT: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 _CONTAINER_ATTRIBUTES = ("net", "model")
 
 
@@ -120,6 +142,16 @@ class MLPStructure:
     def num_hidden(self) -> int:
         """Number of hidden layers, ``len(linears) - 1``."""
         return len(self.linears) - 1
+
+    @property
+    def odd(self) -> list[bool]:
+        r"""For each hidden layer, whether its activation chain is odd.
+
+        Odd: :math:`\sigma(-z) = -\sigma(z)` (tanh, softsign, identity, shrink functions, a symmetric hardtanh);
+        the last module may be odd up to a constant, :math:`\sigma(-z) = c - \sigma(z)` (sigmoid, hardsigmoid).
+        ReLU, ReLU6, LeakyReLU, GELU, SiLU, ... are not.
+        """
+        return [_is_odd_chain(chain) for chain in self.activations]
 
 
 def _leaves(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
@@ -158,6 +190,19 @@ def _is_elementwise(module: nn.Module) -> bool:
     if isinstance(module, nn.PReLU):
         return module.num_parameters == 1
     return isinstance(module, _ELEMENTWISE)
+
+
+def _is_odd(module: nn.Module) -> bool:
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh with min_val=0
+        return module.min_val == -module.max_val
+    return isinstance(module, _ODD)
+
+
+def _is_odd_chain(chain: Sequence[nn.Module]) -> bool:
+    if not chain:
+        return True  # consecutive Linear layers: identity
+    *head, last = chain
+    return all(_is_odd(m) for m in head) and (_is_odd(last) or isinstance(last, _ODD_UP_TO_CONSTANT))
 
 
 def _is_homogeneous(module: nn.Module) -> bool:
@@ -563,6 +608,175 @@ def merge_condensed(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# condensation by orientation (the phenomenon)
+
+
+@dataclass(frozen=True)
+class LayerOrientation:
+    r"""Orientation clusters of one hidden layer (see :func:`orientation_condensation`).
+
+    Attributes:
+        layer: 0-based hidden layer index (as in :func:`split_neuron`).
+        width: Number of neurons :math:`m_l`.
+        effective_width: Number of orientation clusters among the significant neurons (0 if none is significant).
+        clusters: Neuron indices of each cluster (significant neurons only), each sorted, ordered by first index.
+        negligible: Indices of the neurons left out by the importance rule, sorted.
+        name: ``named_modules()`` name of the Linear whose outputs form the layer.
+        symmetric: Whether :math:`\tilde u` and :math:`-\tilde u` counted as the same orientation.
+        tol: The cosine tolerance used.
+        output_tol: The relative importance threshold used.
+    """
+
+    layer: int
+    width: int
+    effective_width: int
+    clusters: list[list[int]]
+    negligible: list[int]
+    name: str = ""
+    symmetric: bool = False
+    tol: float = DEFAULT_ORIENTATION_TOL
+    output_tol: float = DEFAULT_OUTPUT_TOL
+
+    @property
+    def num_significant(self) -> int:
+        """Number of neurons that passed the importance rule, ``width - len(negligible)``."""
+        return self.width - len(self.negligible)
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _aligned_components(directions: Tensor, tol: float, symmetric: bool, block: int = 1024) -> np.ndarray:
+    """Connected components (single linkage) of the graph ``1 - cos <= tol`` (``|cos|`` when ``symmetric``).
+
+    Built block by block, so memory stays ``O(block * m)``; rows must be unit vectors (float64).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    m = directions.shape[0]
+    labels = np.arange(m)
+    threshold = 1.0 - tol - 64 * torch.finfo(torch.float64).eps * (directions.shape[1] + 1)
+    for start in range(0, m, block):
+        cosines = directions[start : start + block] @ directions.T
+        if symmetric:
+            cosines = cosines.abs()
+        rows, cols = (cosines >= threshold).nonzero(as_tuple=True)
+        rows, cols = labels[rows.cpu().numpy() + start], labels[cols.cpu().numpy()]
+        pairs = np.unique(rows * m + cols)
+        graph = coo_matrix((np.ones(pairs.size, dtype=np.int8), (pairs // m, pairs % m)), shape=(m, m))
+        _, components = connected_components(graph, directed=False)
+        labels = components[labels]
+    return labels
+
+
+def orientation_condensation(
+    model: nn.Module,
+    *,
+    tol: float = DEFAULT_ORIENTATION_TOL,
+    output_tol: float = DEFAULT_OUTPUT_TOL,
+    symmetric: bool | None = None,
+) -> list[LayerOrientation]:
+    r"""Condensation by orientation: number of directions the neurons' input weights align onto, per hidden layer.
+
+    The condensation phenomenon (Luo, Xu, Ma, Zhang, *Phase diagram for two-layer ReLU neural networks at infinite-width
+    limit*, JMLR 2021; Zhou, Zhou, Jin, Zhang, Luo, Xu, *Towards understanding the condensation of neural networks at
+    initial training*, NeurIPS 2022; Zhang et al., *Embedding Principle of Loss Landscape of Deep Neural Networks*,
+    NeurIPS 2021): in the small-initialisation regime, the input vectors :math:`\tilde u_k = [W^{[l]}_{k,:},
+    b^{[l]}_k]` of the neurons align onto a few orientations while their norms differ, so the network behaves like a
+    narrow one. The exact-merge grouping of :func:`condensation` (equal vectors) never sees this for smooth
+    activations; this function measures it.
+
+    1. **Importance rule.** Neuron :math:`k` has importance :math:`c_k = \|a_k\| \, \|\tilde u_k\|`, with
+       :math:`a_k = W^{[l+1]}_{:,k}` its output column. For a 1-Lipschitz activation with :math:`\sigma(0) = 0`
+       (tanh, ReLU, ...), :math:`\|a_k \sigma(\tilde u_k \cdot \tilde x)\| \le c_k \|\tilde x\|`, so :math:`c_k`
+       bounds the neuron's contribution to the next layer. Neurons with :math:`c_k \le \text{output\_tol} \cdot
+       \max_j c_j` (negligible output weight or negligible input weight: dead, or not yet grown out of a small
+       initialisation) are left out and listed in ``negligible``; their direction is noise.
+    2. **Alignment.** Significant neurons :math:`j, k` are aligned when :math:`1 - \cos\angle(\tilde u_j, \tilde u_k)
+       \le \text{tol}`; for odd activations (``symmetric``: tanh, ...; :math:`\sigma(-z) = -\sigma(z)`, so
+       :math:`(\tilde u, a)` and :math:`(-\tilde u, -a)` are the same neuron) when :math:`1 - |\cos| \le \text{tol}`.
+       For ReLU and other non-odd activations anti-parallel neurons compute different functions and stay apart.
+    3. **Clusters.** The connected components of the alignment graph (single linkage at the cosine threshold): a
+       partition independent of the neuron order. ``effective_width`` is their number.
+
+    The default ``tol = 1e-3`` (2.6 degrees) comes from ``examples/condensation_small_init.py`` (width-100
+    one-hidden-layer nets on a 2-D regression task, full-batch Adam): it separates small-initialisation nets (3-9
+    orientations early in training, about 20-35 later, for tanh) from default-initialisation ones (about 90 throughout).
+    In very low dimension the orientations of random neurons are crowded: with :math:`\tilde u \in \mathbb{R}^2`
+    (1-D inputs), 100 random neurons are about 1.8 degrees apart on the half circle and single linkage chains them;
+    use a smaller ``tol`` (``1e-4``) there.
+
+    Args:
+        model: An MLP accepted by :func:`mlp_structure`.
+        tol: Cosine tolerance :math:`1 - \cos`, in ``[0, 1)``. ``0`` groups exactly parallel neurons only.
+        output_tol: Relative importance threshold, in ``[0, 1)``. ``0`` keeps every neuron with :math:`c_k > 0`.
+        symmetric: Treat :math:`\tilde u` and :math:`-\tilde u` as one orientation; ``None`` (default) decides per
+            layer from the activation (:attr:`MLPStructure.odd`).
+
+    Returns:
+        One :class:`LayerOrientation` per hidden layer, in order (empty for a single Linear layer).
+
+    Raises:
+        UnsupportedArchitectureError: If ``model`` is not a supported MLP.
+        ValueError: For ``tol`` or ``output_tol`` outside ``[0, 1)``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 6.0], [-0.5, -1.0], [2.0, -1.0]]))
+        ...     _ = net[0].bias.copy_(torch.tensor([1.0, 3.0, -0.5, 0.0]))
+        ...     _ = net[2].weight.fill_(1.0)
+        >>> [entry.effective_width for entry in orientation_condensation(net)]  # rows 0, 1, 2 share one orientation
+        [2]
+    """
+    tol = _check_fraction("tol", tol)
+    output_tol = _check_fraction("output_tol", output_tol)
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise ValueError(f"symmetric must be None, True or False, got {symmetric!r}")
+    structure = mlp_structure(model)
+    odd = structure.odd
+    out = []
+    for layer in range(structure.num_hidden):
+        rows = _incoming(structure.linears[layer])
+        columns = structure.linears[layer + 1].weight.detach().to(torch.float64)
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        importance = (norms * torch.linalg.vector_norm(columns, dim=0).to(norms.device)).cpu()
+        largest = float(importance.max()) if importance.numel() else 0.0
+        keep = importance > output_tol * largest if largest > 0 else torch.zeros_like(importance, dtype=torch.bool)
+        index = keep.nonzero().flatten()
+        sym = odd[layer] if symmetric is None else symmetric
+        clusters: list[list[int]] = []
+        if index.numel():
+            directions = rows[index.to(rows.device)] / norms[index.to(rows.device)].unsqueeze(1)
+            labels = _aligned_components(directions, tol, sym)
+            groups: dict[int, list[int]] = {}
+            for position, label in zip(index.tolist(), labels.tolist()):
+                groups.setdefault(label, []).append(position)
+            clusters = sorted(groups.values(), key=lambda members: members[0])
+        out.append(
+            LayerOrientation(
+                layer=layer,
+                width=rows.shape[0],
+                effective_width=len(clusters),
+                clusters=clusters,
+                negligible=(~keep).nonzero().flatten().tolist(),
+                name=structure.names[layer],
+                symmetric=sym,
+                tol=tol,
+                output_tol=output_tol,
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # summary for monitoring
 
 
@@ -570,13 +784,23 @@ def merge_condensed(
 class CondensationReport:
     r"""Condensation summary of an MLP, for logging.
 
+    Two widths per hidden layer: the *effective width* counts orientation clusters (:func:`orientation_condensation`,
+    the condensation phenomenon of small-initialisation training), the *merge width* counts exact-merge clusters
+    (:func:`condensation`: the width of the narrow network that reproduces the function, with error
+    ``merge_output_error``, and the embedding-principle count of extra zero eigenvalues).
+
     Attributes:
-        layers: The :class:`LayerCondensation` of every hidden layer.
-        effective_widths: Effective width per hidden layer, keyed by the Linear's ``named_modules()`` name.
+        layers: The exact-merge :class:`LayerCondensation` of every hidden layer.
+        effective_widths: Number of orientation clusters per hidden layer, keyed by the Linear's ``named_modules()``
+            name.
         widths: Width per hidden layer, same keys.
         merge_output_error: :math:`\max |f_{\mathrm{wide}}(x) - f_{\mathrm{narrow}}(x)|` over the batch (float64,
-            eval mode, outputs of the MLP container), or ``None`` when no inputs were given.
-        predicted_zero_eigenvalues: :math:`\sum_l (m_l - m^{\mathrm{eff}}_l)`.
+            eval mode, outputs of the MLP container) for the exact-merge narrow network, or ``None`` when no inputs
+            were given.
+        predicted_zero_eigenvalues: :math:`\sum_l (m_l - m^{\mathrm{merge}}_l)` (exact-merge clusters).
+        merge_widths: Number of exact-merge clusters per hidden layer, same keys.
+        orientation: The :class:`LayerOrientation` of every hidden layer.
+        significant_neurons: Neurons that passed the importance rule of :func:`orientation_condensation`, same keys.
     """
 
     layers: list[LayerCondensation]
@@ -584,6 +808,9 @@ class CondensationReport:
     widths: dict[str, int] = field(default_factory=dict)
     merge_output_error: float | None = None
     predicted_zero_eigenvalues: int = 0
+    merge_widths: dict[str, int] = field(default_factory=dict)
+    orientation: list[LayerOrientation] = field(default_factory=list)
+    significant_neurons: dict[str, int] = field(default_factory=dict)
 
 
 def _call(module: nn.Module, inputs: Any) -> Any:
@@ -645,8 +872,19 @@ def _to64(value: Any) -> Any:
     return value
 
 
-def condensation_report(model: nn.Module, inputs: Any = None, *, tol: float = DEFAULT_TOL) -> CondensationReport:
-    r"""Effective width of every hidden layer and, given inputs, the output error of the merged narrow network.
+def condensation_report(
+    model: nn.Module,
+    inputs: Any = None,
+    *,
+    tol: float = DEFAULT_TOL,
+    orientation_tol: float = DEFAULT_ORIENTATION_TOL,
+    output_tol: float = DEFAULT_OUTPUT_TOL,
+    symmetric: bool | None = None,
+) -> CondensationReport:
+    r"""Effective (orientation) and merge widths of every hidden layer and, given inputs, the merged network's error.
+
+    ``effective_widths`` come from :func:`orientation_condensation` (``orientation_tol``, ``output_tol``,
+    ``symmetric``), ``merge_widths`` from :func:`condensation` (``tol``).
 
     The merge error compares, in float64 and eval mode, the MLP container of ``model`` with its merged copy
     (:func:`merge_condensed`) on the input the container receives when ``model`` runs on ``inputs`` (captured with
@@ -657,17 +895,21 @@ def condensation_report(model: nn.Module, inputs: Any = None, *, tol: float = DE
         model: An MLP accepted by :func:`mlp_structure` (a LightningModule with a ``net`` attribute, say).
         inputs: What ``model`` is called with (a tensor; a tuple/list is unpacked as positional arguments, a dict as
             keyword arguments), or ``None`` to skip the merge error.
-        tol: Tolerance of :func:`condensation`.
+        tol: Tolerance of :func:`condensation` (exact merge).
+        orientation_tol: Cosine tolerance of :func:`orientation_condensation`.
+        output_tol: Importance threshold of :func:`orientation_condensation`.
+        symmetric: ``symmetric`` of :func:`orientation_condensation` (``None``: from the activation).
 
     Returns:
         A :class:`CondensationReport`.
 
     Raises:
         UnsupportedArchitectureError: If ``model`` is not a supported MLP.
-        ValueError: For a bad ``tol``.
+        ValueError: For a bad ``tol``, ``orientation_tol`` or ``output_tol``.
     """
     structure = mlp_structure(model)
     layers = condensation(model, tol=tol)
+    orientation = orientation_condensation(model, tol=orientation_tol, output_tol=output_tol, symmetric=symmetric)
     error = None
     if inputs is not None:
         with torch.no_grad(), evaluation_mode(model):
@@ -684,8 +926,11 @@ def condensation_report(model: nn.Module, inputs: Any = None, *, tol: float = DE
             error = _max_difference(wide(*args, **kwargs), narrow(*args, **kwargs))
     return CondensationReport(
         layers=layers,
-        effective_widths={entry.name: entry.effective_width for entry in layers},
+        effective_widths={entry.name: entry.effective_width for entry in orientation},
         widths={entry.name: entry.width for entry in layers},
         merge_output_error=error,
         predicted_zero_eigenvalues=predicted_extra_zero_eigenvalues(layers),
+        merge_widths={entry.name: entry.effective_width for entry in layers},
+        orientation=orientation,
+        significant_neurons={entry.name: entry.num_significant for entry in orientation},
     )

@@ -10,13 +10,16 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
 from lightning_hessian.embedding import (
+    DEFAULT_ORIENTATION_TOL,
     CondensationReport,
     LayerCondensation,
+    LayerOrientation,
     UnsupportedArchitectureError,
     condensation,
     condensation_report,
     merge_condensed,
     mlp_structure,
+    orientation_condensation,
     predicted_extra_zero_eigenvalues,
     split_neuron,
 )
@@ -441,3 +444,180 @@ def test_condensation_of_a_wide_layer_separates_near_copies():
     merged = [c for c in result.clusters if len(c) > 1]
     assert merged == [[3, 1050], [1030, 1099]]
     assert condensation(model, tol=1e-6)[0].effective_width == 1097  # now 7 and 1060 merge too
+
+
+# ------------------------------------------------------------------------------------- condensation by orientation
+
+
+def _oriented(directions, scales, act=nn.Tanh, columns=None, seed=0):
+    """One-hidden-layer net whose neuron k has input vector [w_k, b_k] = scales[k] * directions[k] (float64)."""
+    if isinstance(directions, (list, tuple)):
+        directions = torch.stack([torch.as_tensor(d, dtype=DT) for d in directions])
+    rows = torch.as_tensor(scales, dtype=DT).unsqueeze(1) * directions.to(DT)
+    m, dim = rows.shape
+    net = nn.Sequential(nn.Linear(dim - 1, m), act(), nn.Linear(m, 2)).to(DT)
+    with torch.no_grad():
+        net[0].weight.copy_(rows[:, :-1])
+        net[0].bias.copy_(rows[:, -1])
+        g = torch.Generator().manual_seed(seed)
+        net[2].weight.copy_(torch.randn(2, m, generator=g, dtype=DT) if columns is None else columns)
+    return net
+
+
+def _unit(v):
+    v = torch.as_tensor(v, dtype=DT)
+    return v / torch.linalg.vector_norm(v)
+
+
+def test_planted_orientations_are_counted_and_odd_activations_fold_the_sign():
+    g = torch.Generator().manual_seed(20)
+    base = torch.linalg.qr(torch.randn(6, 3, generator=g, dtype=DT))[0].T  # 3 orthonormal directions in R^6
+    assignment = [0, 1, 2, 0, 1, 2, 0, 0, 1, 2]
+    scales = [0.5, 1.0, 2.0, -1.5, 3.0, -0.7, 0.9, 4.0, -2.5, 1.2]  # norms differ, some signs flipped
+    directions = base[assignment]
+    tanh = _oriented(directions, scales, nn.Tanh)
+    [entry] = orientation_condensation(tanh)
+    assert isinstance(entry, LayerOrientation) and entry.symmetric and entry.width == 10
+    assert entry.effective_width == 3 and entry.negligible == []
+    assert entry.clusters == [[0, 3, 6, 7], [1, 4, 8], [2, 5, 9]]
+    # ReLU: anti-parallel neurons compute different functions, so the sign splits orientations 0, 1, 2 in two
+    relu = _oriented(directions, scales, nn.ReLU)
+    [entry] = orientation_condensation(relu)
+    assert not entry.symmetric and entry.effective_width == 6
+    assert entry.clusters == [[0, 6, 7], [1, 4], [2, 9], [3], [5], [8]]
+    assert orientation_condensation(relu, symmetric=True)[0].effective_width == 3
+    assert orientation_condensation(tanh, symmetric=False)[0].effective_width == 6
+    # the exact-merge width sees none of this (different norms are different tanh neurons)
+    assert condensation(tanh)[0].effective_width == 10
+
+
+def test_cosine_tolerance_is_one_minus_cos_and_single_linkage_chains():
+    angle = 0.05  # 1 - cos(0.05) = 1.2499e-3, 1 - cos(0.1) = 4.996e-3
+    directions = [_unit([math.cos(k * angle), math.sin(k * angle), 0.0]) for k in range(3)]
+    net = _oriented(directions, [1.0, 2.0, 0.5], nn.ReLU)
+    gap, double = 1 - math.cos(angle), 1 - math.cos(2 * angle)
+    assert orientation_condensation(net, tol=0.999 * gap)[0].effective_width == 3
+    assert orientation_condensation(net, tol=1.001 * gap)[0].effective_width == 1  # 0-1 and 1-2 link: one chain
+    # without the middle neuron, the end points need the larger tolerance
+    ends = _oriented([directions[0], directions[2]], [1.0, 0.5], nn.ReLU)
+    assert orientation_condensation(ends, tol=1.001 * gap)[0].effective_width == 2
+    assert orientation_condensation(ends, tol=1.001 * double)[0].effective_width == 1
+    # exact copies group at tol = 0, any other pair does not
+    copies = _oriented([directions[0], directions[0], directions[1]], [1.0, 3.0, 1.0], nn.ReLU)
+    assert orientation_condensation(copies, tol=0.0)[0].clusters == [[0, 1], [2]]
+
+
+def test_clusters_do_not_depend_on_the_neuron_order():
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(4, 5, generator=g, dtype=DT)
+    assignment = torch.randint(0, 4, (30,), generator=g)
+    noise = 1e-3 * torch.randn(30, 5, generator=g, dtype=DT)
+    directions = base[assignment] / torch.linalg.vector_norm(base[assignment], dim=1, keepdim=True) + noise
+    scales = torch.rand(30, generator=g, dtype=DT) + 0.5
+    net = _oriented(directions, scales, nn.ReLU, seed=22)
+    perm = torch.randperm(30, generator=g)
+    permuted = _oriented(directions[perm], scales[perm], nn.ReLU, columns=net[2].weight.detach()[:, perm])
+    clusters = orientation_condensation(net, tol=1e-3)[0].clusters
+    mapped = sorted(sorted(int(perm[k]) for k in c) for c in orientation_condensation(permuted, tol=1e-3)[0].clusters)
+    assert mapped == sorted(clusters) and len(clusters) == 4
+
+
+def test_importance_rule_leaves_out_neurons_with_negligible_output_or_input():
+    directions = [_unit([1.0, 0.0, 0.0]), _unit([0.0, 1.0, 0.0]), _unit([0.0, 0.0, 1.0]), _unit([1.0, 1.0, 0.0])]
+    columns = torch.tensor([[1.0, 0.0, 2.0, 1.0], [1.0, 0.0, 0.0, 1.0]], dtype=DT)  # neuron 1: zero output column
+    net = _oriented(directions, [1.0, 5.0, 1.0, 1e-3], nn.Tanh, columns=columns)
+    # importances ||a_k|| ||u_k||: sqrt(2), 0, 2, sqrt(2) * 1e-3 -> neuron 3 is below 1e-2 * 2
+    [entry] = orientation_condensation(net)
+    assert entry.negligible == [1, 3] and entry.num_significant == 2 and entry.effective_width == 2
+    assert orientation_condensation(net, output_tol=1e-4)[0].negligible == [1]
+    assert orientation_condensation(net, output_tol=0.0)[0].effective_width == 3  # neuron 1 still has c = 0
+    # a threshold just above / below neuron 0's relative importance sqrt(2) / 2
+    assert 0 in orientation_condensation(net, output_tol=0.7072)[0].negligible
+    assert 0 not in orientation_condensation(net, output_tol=0.7070)[0].negligible
+    zero = _oriented(directions, [0.0] * 4, nn.Tanh)
+    assert orientation_condensation(zero)[0].effective_width == 0
+
+
+def test_orientation_of_a_wide_layer_crosses_blocks():
+    g = torch.Generator().manual_seed(23)
+    base = torch.randn(5, 8, generator=g, dtype=DT)
+    assignment = torch.arange(1100) % 5
+    scales = torch.rand(1100, generator=g, dtype=DT) + 0.1
+    directions = base[assignment] / torch.linalg.vector_norm(base[assignment], dim=1, keepdim=True)
+    net = _oriented(directions, scales, columns=torch.ones(2, 1100, dtype=DT))
+    [entry] = orientation_condensation(net)
+    assert entry.effective_width == 5 and [c[:2] for c in entry.clusters] == [[k, k + 5] for k in range(5)]
+    assert all(len(c) == 220 for c in entry.clusters)
+
+
+def test_odd_activation_chains():
+    def odd(*acts):
+        return mlp_structure(nn.Sequential(nn.Linear(2, 3), *acts, nn.Linear(3, 1))).odd
+
+    assert odd(nn.Tanh()) == [True] and odd(nn.Hardtanh()) == [True] and odd() == [True]
+    assert odd(nn.Sigmoid()) == [True] and odd(nn.Tanh(), nn.Sigmoid()) == [True]
+    assert odd(nn.Sigmoid(), nn.Tanh()) == [False]  # tanh(c - z) is not odd up to a constant
+    assert odd(nn.ReLU()) == [False] and odd(nn.ReLU6()) == [False] and odd(nn.GELU()) == [False]
+    assert odd(nn.Hardtanh(-1.0, 2.0)) == [False] and odd(nn.LeakyReLU()) == [False]
+
+
+def test_orientation_arguments_are_checked():
+    net = mlp([2, 3, 1])
+    for bad in (-0.1, 1.0, math.nan, True, "1e-3"):
+        with pytest.raises(ValueError, match="tol must be a number in \\[0, 1\\)"):
+            orientation_condensation(net, tol=bad)
+        with pytest.raises(ValueError, match="output_tol must be"):
+            orientation_condensation(net, output_tol=bad)
+    with pytest.raises(ValueError, match="symmetric must be"):
+        orientation_condensation(net, symmetric="yes")
+    assert orientation_condensation(nn.Linear(3, 2)) == []
+
+
+def test_report_gives_orientation_and_merge_widths():
+    g = torch.Generator().manual_seed(24)
+    base = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=DT))[0].T
+    net = Wrapped(_oriented(base[[0, 1, 0, 1, 0]], [1.0, 2.0, -0.5, 1.5, 3.0], nn.Tanh))
+    x = torch.randn(7, 3, generator=g, dtype=DT)
+    report = condensation_report(net, x)
+    assert report.effective_widths == {"net.0": 2} and report.merge_widths == {"net.0": 5}
+    assert report.significant_neurons == {"net.0": 5} and report.widths == {"net.0": 5}
+    assert report.predicted_zero_eigenvalues == 0 and report.merge_output_error <= 1e-12
+    assert [e.effective_width for e in report.orientation] == [2]
+    assert condensation_report(net, orientation_tol=0.0, symmetric=False).effective_widths == {"net.0": 3}
+    with pytest.raises(ValueError, match="orientation_tol|tol must"):
+        condensation_report(net, orientation_tol=2.0)
+
+
+def _train_small_vs_default(activation, scale, seed, steps=(0, 100, 250)):
+    """Width-100 one-hidden-layer net, 2-D regression, full-batch Adam (as examples/condensation_small_init.py)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(40, 2, generator=g, dtype=DT) * 2 - 1
+    y = torch.sin(2 * x[:, :1]) * torch.cos(x[:, 1:2])
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 100), activation(), nn.Linear(100, 1)).to(DT)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
+    widths = {}
+    for step in range(max(steps) + 1):
+        if step in steps:
+            widths[step] = orientation_condensation(net)[0].effective_width
+        loss = ((net(x) - y) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return widths
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+def test_small_initialisation_condenses_and_default_initialisation_does_not(activation):
+    """At the default tolerance, small-init nets have few orientations, default-init ones about 90 (of 100)."""
+    assert DEFAULT_ORIENTATION_TOL == 1e-3
+    torch.set_num_threads(1)
+    small = _train_small_vs_default(activation, 0.01, seed=0)
+    default = _train_small_vs_default(activation, 1.0, seed=0)
+    assert small[0] >= 85 and default[0] >= 85  # random orientations at initialisation
+    for step in (100, 250):
+        assert small[step] <= 30, (step, small)
+        assert default[step] >= 80, (step, default)

@@ -172,6 +172,86 @@ def test_numerical_rank_with_biases_matches_measured_oracle():
     assert measured.num_params == 300
     q, r, k = 5, 25, 10
     assert measured.outer == q * (r + k - q) + k  # bias formula of H_o for generic n > d
+    predicted = linear_hessian_rank(widths, 25, bias=True)
+    assert triple(predicted) == (None, 160, None) and predicted.num_params == 300
+    assert predicted.rank_deficiency is None and predicted.rank_fraction is None
+
+
+def _ones_in_row_space(x):
+    ones = torch.ones(1, x.shape[0], dtype=DT)
+    r = int(torch.linalg.matrix_rank(x.T))
+    ra = int(torch.linalg.matrix_rank(torch.cat([x.T, ones])))
+    return r, ra
+
+
+@pytest.mark.parametrize(
+    ("widths", "n", "loss"),
+    [
+        ([6, 3], 10, "mse"),  # L = 1: H_f = 0, H_L = H_o
+        ([6, 3], 4, "mse"),  # L = 1, n <= d
+        ([5, 4, 3], 12, "mse"),  # n > d
+        ([5, 4, 3], 3, "mse"),  # n <= d, q = r = K
+        ([7, 2, 5], 4, "mse"),  # n <= d, bottleneck q < r
+        ([7, 6, 5], 3, "mse"),  # n <= d, q = r < K
+        ([2, 6, 4], 9, "mse"),  # q = d + 1 = r + 1 (the bias lifts the input rank)
+        ([4, 1, 6], 11, "mse"),  # width-1 bottleneck
+        ([25, 10, 10], 50, "mse"),
+        ([5, 4, 4], 12, "cross_entropy"),  # K -> K - 1
+        ([6, 3, 5], 4, "cross_entropy"),
+    ],
+)
+def test_bias_closed_forms_match_measured_ranks(widths, n, loss):
+    model = linear_net(widths, bias=True, seed=n)
+    with torch.no_grad():
+        for layer in model:
+            layer.bias.normal_()  # generic biases
+    batches = make_data(widths, n, loss, seed=n + 2)
+    r, ra = _ones_in_row_space(batches[0][0])
+    assert (r, ra) == (min(n, widths[0]), min(n, widths[0] + 1))
+    measured = numerical_hessian_rank(model, mse if loss == "mse" else xent, batches)
+    predicted = linear_hessian_rank(widths, r, loss=loss, bias=True, augmented_rank=ra)
+    assert triple(measured) == triple(predicted)
+    assert measured.num_params == predicted.num_params == sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    if n > widths[0]:
+        assert predicted == linear_hessian_rank(widths, r, loss=loss, bias=True)  # the generic default
+
+
+@pytest.mark.parametrize(("widths", "n"), [([5, 3, 4, 2], 12), ([6, 2, 3, 4], 4), ([3, 4, 2, 3, 2], 9)])
+def test_bias_outer_part_of_deeper_nets(widths, n):
+    model = linear_net(widths, bias=True, seed=n)
+    batches = make_data(widths, n, "mse", seed=n + 3)
+    r, ra = _ones_in_row_space(batches[0][0])
+    measured = numerical_hessian_rank(model, mse, batches)
+    predicted = linear_hessian_rank(widths, r, bias=True, augmented_rank=ra)
+    assert predicted.outer == measured.outer
+    assert predicted.loss is None and predicted.functional is None
+    # the bias-free closed forms do not describe these nets (the measured ranks are larger)
+    bias_free = linear_hessian_rank(widths, r)
+    assert measured.loss > bias_free.loss and measured.outer > bias_free.outer
+
+
+def test_bias_closed_form_formulas_by_hand():
+    # n > d: H_o = q (r + K - q) + K; L = 2: H_f, H_L from the augmented input (r + 1)
+    assert triple(linear_hessian_rank([25, 10, 10], 25, bias=True)) == (370, 260, 200)
+    # n <= d with q < r: + K - q; with q = r: + 0
+    assert linear_hessian_rank([7, 2, 5], 4, bias=True, augmented_rank=4).outer == 2 * (4 + 5 - 2) + 5 - 2
+    assert linear_hessian_rank([7, 6, 5], 3, bias=True, augmented_rank=3).outer == 3 * 5
+    assert linear_hessian_rank([6, 3], 6, bias=True) == HessianRank(loss=21, outer=21, functional=0, num_params=21)
+    assert linear_hessian_rank([6, 3], 6, bias=False).num_params == 18  # bias=False unchanged
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"augmented_rank": 7}, r"augmented_rank must be data_rank \(5\) or data_rank \+ 1 \(6\).*got 7"),
+        ({"augmented_rank": 4}, "augmented_rank"),
+        ({"augmented_rank": -1}, "augmented_rank"),
+        ({"bias": 1}, "bias must be True or False"),
+    ],
+)
+def test_bias_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        linear_hessian_rank([5, 3, 2], 5, **{"bias": True, **kwargs})
 
 
 def test_rtol_semantics():
