@@ -36,6 +36,10 @@ def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     return 0.5 * (model(x) - y).pow(2).sum(dim=1).mean()
 
 
+def measured_ranks(measured) -> tuple[int, int, int]:
+    return measured.loss, measured.outer, measured.functional
+
+
 def main() -> None:
     torch.set_num_threads(1)
     has_bias = "bias" in inspect.signature(linear_hessian_rank).parameters
@@ -58,14 +62,11 @@ def main() -> None:
                 else f"({predicted.loss}, {predicted.outer}, {predicted.functional})".replace("None", "?")
             )
             meas = f"({measured.loss}, {measured.outer}, {measured.functional})"
-            exact = (
-                "-"
-                if predicted is None
-                else str(
-                    (predicted.loss, predicted.outer, predicted.functional)
-                    == (measured.loss, measured.outer, measured.functional)
-                )
-            )
+            if predicted is None:
+                exact = "-"
+            else:
+                pairs = zip((predicted.loss, predicted.outer, predicted.functional), measured_ranks(measured))
+                exact = str(all(p == m for p, m in pairs if p is not None))
             print(
                 f"{widths!s:>20s} {n:3d} {activation:>6s} {bias!s:>5s} {measured.num_params:5d}  {pred:>25s}  "
                 f"{meas:>17s}  {exact}"

@@ -10,13 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 # embedding principle (Zhang et al. 2021)
 from lightning_hessian.embedding import (
+    DEFAULT_ORIENTATION_TOL,
+    DEFAULT_OUTPUT_TOL,
     CondensationReport,
     LayerCondensation,
+    LayerOrientation,
     UnsupportedArchitectureError,
     condensation,
     condensation_report,
     merge_condensed,
     mlp_structure,
+    orientation_condensation,
     predicted_extra_zero_eigenvalues,
     split_neuron,
 )
@@ -83,13 +87,17 @@ __all__ = [
     "near_zero_fraction",
     "numerical_hessian_rank",
     # embedding principle
+    "DEFAULT_ORIENTATION_TOL",
+    "DEFAULT_OUTPUT_TOL",
     "CondensationReport",
     "LayerCondensation",
+    "LayerOrientation",
     "UnsupportedArchitectureError",
     "condensation",
     "condensation_report",
     "merge_condensed",
     "mlp_structure",
+    "orientation_condensation",
     "predicted_extra_zero_eigenvalues",
     "split_neuron",
 ]

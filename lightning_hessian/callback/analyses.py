@@ -28,7 +28,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_hessian.callback import reporting as rp
-from lightning_hessian.embedding import MLPStructure, capture_inputs, condensation_report, mlp_structure
+from lightning_hessian.embedding import (
+    DEFAULT_ORIENTATION_TOL,
+    MLPStructure,
+    capture_inputs,
+    condensation_report,
+    mlp_structure,
+)
 from lightning_hessian.errors import UnsupportedArchitectureError
 from lightning_hessian.free_probability import DEFAULT_QUANTILES, jacobian_report
 from lightning_hessian.lanczos import EigenResult, hutchinson_trace, lanczos, stochastic_lanczos_quadrature
@@ -471,18 +477,23 @@ class JacobianAnalysis(_MLPAnalysis):
 class CondensationAnalysis(_MLPAnalysis):
     """Neuron condensation (embedding principle, Zhang et al. 2021) of the MLP.
 
-    Keys (``<embedding prefix>`` is ``embedding`` for the default callback prefix):
-    ``effective_width/<layer name>`` (number of neuron clusters of each hidden Linear, named as in
-    ``named_modules()``, e.g. ``net.0``) and ``merge_output_error`` (max output difference of the merged narrow network
-    on the probe inputs), from :func:`~lightning_hessian.embedding.condensation_report`.
+    Keys (``<embedding prefix>`` is ``embedding`` for the default callback prefix), per hidden Linear named as in
+    ``named_modules()`` (e.g. ``net.0``), from :func:`~lightning_hessian.embedding.condensation_report`:
+
+    * ``effective_width/<layer>``: number of *orientation* clusters of the significant neurons' input weights
+      :math:`[w_k, b_k]` (condensation as the papers measure it; cosine tolerance ``orientation_tol``);
+    * ``merge_width/<layer>``: the *exact-merge* width, the width of the narrow network that reproduces the function
+      (embedding principle; tolerance ``tol``), with ``merge_output_error`` (max output difference of that merged
+      network on the probe inputs).
     """
 
     name = "neuron condensation"
     full_only = False
 
-    def __init__(self, prefix: str, tol: float) -> None:
+    def __init__(self, prefix: str, tol: float, orientation_tol: float = DEFAULT_ORIENTATION_TOL) -> None:
         super().__init__(prefix)
         self.tol = tol
+        self.orientation_tol = orientation_tol
 
     def keys(self, prefix: str, pl_module: Any) -> list[str]:
         """Scalar keys this analysis logs (NaN-filled when it fails)."""
@@ -490,9 +501,10 @@ class CondensationAnalysis(_MLPAnalysis):
         if structure is None:
             return []
         hidden = structure.names[:-1]
-        return [rp.metric_key(self.prefix, f"effective_width/{n}") for n in hidden] + [
-            rp.metric_key(self.prefix, "merge_output_error")
+        widths = [
+            rp.metric_key(self.prefix, f"{kind}/{n}") for kind in ("effective_width", "merge_width") for n in hidden
         ]
+        return [*widths, rp.metric_key(self.prefix, "merge_output_error")]
 
     def __call__(self, ctx: ProbeContext) -> AnalysisResult:
         """Run on one probe."""
@@ -500,11 +512,12 @@ class CondensationAnalysis(_MLPAnalysis):
         if structure is None:
             return AnalysisResult()
         inputs = container_input(ctx.pl_module, structure.container, ctx.loss_fn, ctx.batches[0])
-        report = condensation_report(structure.container, inputs, tol=self.tol)
+        report = condensation_report(structure.container, inputs, tol=self.tol, orientation_tol=self.orientation_tol)
         outer = f"{structure.prefix}." if structure.prefix else ""
         scalars = {
-            rp.metric_key(self.prefix, f"effective_width/{outer}{name}"): float(width)
-            for name, width in report.effective_widths.items()
+            rp.metric_key(self.prefix, f"{kind}/{outer}{name}"): float(width)
+            for kind, widths in (("effective_width", report.effective_widths), ("merge_width", report.merge_widths))
+            for name, width in widths.items()
         }
         error = math.nan if report.merge_output_error is None else float(report.merge_output_error)
         scalars[rp.metric_key(self.prefix, "merge_output_error")] = error
