@@ -337,7 +337,7 @@ def block_lanczos(
         n: Dimension of the operator.
         k: Number of eigenpairs wanted, ``1 <= k <= n``.
         matmat: ``X -> A X`` for a block ``X`` of shape ``(n, b)``; preferred when given.
-        block_size: Block size ``b``; default ``min(k, 4)``, at least the columns of a block ``start``.
+        block_size: Block size ``b``; default ``min(k, 4)`` with ``matmat``, else 1; at least the columns of a block ``start``.
         which: ``"largest"`` (returned descending) or ``"smallest"`` (returned ascending).
         tol: Relative residual tolerance, ``> 0``.
         max_matvecs: Budget of products (columns); default ``max(20 * num_vectors, 200)``.
@@ -371,7 +371,8 @@ def block_lanczos(
     if start is not None and (start.dim() not in (1, 2) or start.shape[0] != n):
         raise ValueError(f"start must have shape (n,) or (n, s) with n = {n}, got {tuple(start.shape)}")
     start_cols = 0 if start is None else (1 if start.dim() == 1 else start.shape[1])
-    block = max(block_size if block_size is not None else min(k, 4), start_cols)
+    default = min(k, 4) if matmat is not None else 1  # columnwise matvec: blocks cost products
+    block = max(block_size if block_size is not None else default, start_cols)
     block = min(block, n)
     budget_bytes = max_basis_bytes if max_basis_bytes is not None else default_basis_budget(device)
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -389,7 +390,7 @@ def block_lanczos(
             out = torch.stack([matvec(x[:, i]).reshape(-1) for i in range(x.shape[1])], dim=1)
         return out if sign > 0 else -out
 
-    krylov = _BlockKrylov(op, n, rows, block, k if return_eigenvectors else 0, dtype, device, seed)
+    krylov = _BlockKrylov(op, n, rows, block, k, dtype, device, seed)  # same layout either way: same bits
     first = random_block(n, block, seed, dtype, device)
     if start is not None:
         given = start.reshape(n, -1).to(device=device, dtype=dtype)

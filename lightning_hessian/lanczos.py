@@ -206,7 +206,8 @@ def lanczos(
             start from the whole tracked subspace); padded with random columns to the block size.
         return_eigenvectors: Also return the ``(n, k)`` Ritz vectors.
         matmat: Optional block product ``X -> A X`` for ``X`` of shape ``(n, b)``.
-        block_size: Block size ``b``; default ``min(k, 4)``, raised to the columns of ``start``.
+        block_size: Block size ``b``; default ``min(k, 4)`` with ``matmat`` (else 1: a block of columnwise matvecs
+            costs more products for the same accuracy), raised to the columns of ``start``.
         max_basis_bytes: Memory budget of the basis in bytes (see above).
 
     Returns:
@@ -496,8 +497,12 @@ def hutchinson_trace(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    deflation: Tensor | None = None,
 ) -> TraceEstimate:
     r"""Trace of a symmetric operator by Hutchinson's estimator with Rademacher probes.
+
+    With ``deflation`` (an ``(n, k)`` basis, e.g. the top Ritz vectors) the deflated estimator of
+    :func:`lightning_hessian.trace.deflated_trace` is used instead (``k + num_samples`` products).
 
     .. math::
 
@@ -523,6 +528,10 @@ def hutchinson_trace(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if deflation is not None:
+        from lightning_hessian.trace import deflated_trace
+
+        return deflated_trace(matvec, n, deflation, num_samples=num_samples, seed=seed, dtype=dtype, device=device)
     values = torch.empty(num_samples, dtype=torch.float64)
     for s in range(num_samples):
         z = _random_vector(n, seed + s, dtype, device, "rademacher")
