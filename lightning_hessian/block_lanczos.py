@@ -91,13 +91,12 @@ def random_block(
 
 class _Rows:
     """An ``(M, n)`` row-major matrix stored as one or two segments, so that its first ``head`` rows can be kept
-    (and returned) while the rest is freed."""
+    (and returned) while the rest is freed.
+    """
 
     def __init__(self, rows: int, n: int, head: int, dtype: torch.dtype, device) -> None:
         cuts = [0, head, rows] if 0 < head < rows else [0, rows]
-        self.segments = [
-            (a, torch.zeros(b - a, n, dtype=dtype, device=device)) for a, b in zip(cuts[:-1], cuts[1:])
-        ]
+        self.segments = [(a, torch.zeros(b - a, n, dtype=dtype, device=device)) for a, b in zip(cuts[:-1], cuts[1:])]
         self.n, self.rows = n, rows
 
     def parts(self, j0: int, j1: int):
@@ -131,7 +130,8 @@ class _Rows:
 
     def rotate(self, j1: int, coeffs: Tensor) -> None:
         """Rows ``0..r-1`` become ``coeffs.T @ V[:j1]`` (``coeffs`` is ``(j1, r)``, ``r <= j1``), in place, chunked
-        over the columns so that the only temporary is ``(j1, chunk)``."""
+        over the columns so that the only temporary is ``(j1, chunk)``.
+        """
         coeffs_t = coeffs.T.contiguous()
         itemsize = self.segments[0][1].element_size()
         chunk = max(1, _CHUNK_BYTES // max(1, j1 * itemsize))
@@ -262,7 +262,8 @@ class _BlockKrylov:
     def restart(self, theta: Tensor, coeffs: Tensor, keep: int, fresh: bool = False) -> None:
         """Keep ``keep`` Ritz vectors (rotated in place) and the pending rows; with ``fresh``, also append a seeded
         random block orthogonal to all of them (zero coupling, so the Krylov relation stays exact): the deflation
-        check for eigenvalues the block could not see."""
+        check for eigenvalues the block could not see.
+        """
         p, q = self.p, self.q
         coupling = self.T[p : p + q, :p] @ coeffs[:, :keep]
         pending = self.V.get(p, p + q).clone()
@@ -292,7 +293,7 @@ def _keep(k: int, p: int, q: int, rows: int, block: int) -> int:
 
 def _choose_rows(n: int, k: int, block: int, num_vectors: int | None, itemsize: int, budget: int) -> tuple[int, int]:
     """Rows of the basis and block size that fit ``budget`` bytes (work blocks included)."""
-    wanted = num_vectors if num_vectors is not None else max(2 * k, k + 20)
+    wanted = num_vectors if num_vectors is not None else max(2 * k, k + 20, k + 4 * block)
     wanted = max(wanted, k + block)
     per_row = n * itemsize
     while True:
