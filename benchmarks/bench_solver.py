@@ -2,8 +2,8 @@
 
 Operator: matrix-free ``A = U diag(lam) Uᵀ + D`` in float32 with ``U`` of shape ``(P, r)`` (random, scaled to be near
 orthonormal), a power-law ``lam_i = 10 i^-1.2`` and a small diagonal ``D`` (a Hessian-like top plus a bulk). The rank
-``r`` sets the product cost (2 GEMMs of ``P x r``), so one can emulate the seconds per HVP of a real model. Reports, side
-by side in one run: products, seconds, seconds per product of the product alone (measured per column in the same
+``r`` sets the product cost (2 GEMMs of ``P x r``), so one can emulate the seconds per HVP of a real model. Reports,
+side by side in one run: products, seconds, seconds per product of the product alone (measured per column in the same
 block shape the solver uses), the ratio probe_seconds / (products x s/product) and peak RSS growth of the process.
 
 Run: python benchmarks/bench_solver.py [--n 1000000] [--rank 256] [--k 20 200] [--threads 1]

@@ -90,8 +90,9 @@ def random_block(
 
 
 class _Rows:
-    """An ``(M, n)`` row-major matrix stored as one or two segments, so that its first ``head`` rows can be kept
-    (and returned) while the rest is freed.
+    """An ``(M, n)`` row-major matrix stored as one or two segments.
+
+    The first ``head`` rows can then be kept (and returned) while the rest is freed.
     """
 
     def __init__(self, rows: int, n: int, head: int, dtype: torch.dtype, device) -> None:
@@ -129,8 +130,9 @@ class _Rows:
             view.copy_(rows[off : off + view.shape[0]])
 
     def rotate(self, j1: int, coeffs: Tensor) -> None:
-        """Rows ``0..r-1`` become ``coeffs.T @ V[:j1]`` (``coeffs`` is ``(j1, r)``, ``r <= j1``), in place, chunked
-        over the columns so that the only temporary is ``(j1, chunk)``.
+        """Rows ``0..r-1`` become ``coeffs.T @ V[:j1]`` (``coeffs`` is ``(j1, r)``, ``r <= j1``), in place.
+
+        Chunked over the columns, so that the only temporary is ``(j1, chunk)``.
         """
         coeffs_t = coeffs.T.contiguous()
         itemsize = self.segments[0][1].element_size()
@@ -260,9 +262,10 @@ class _BlockKrylov:
         return theta, coeffs, residuals
 
     def restart(self, theta: Tensor, coeffs: Tensor, keep: int, fresh: bool = False) -> None:
-        """Keep ``keep`` Ritz vectors (rotated in place) and the pending rows; with ``fresh``, also append a seeded
-        random block orthogonal to all of them (zero coupling, so the Krylov relation stays exact): the deflation
-        check for eigenvalues the block could not see.
+        """Keep ``keep`` Ritz vectors (rotated in place) and the pending rows.
+
+        With ``fresh``, also append a seeded random block orthogonal to all of them (zero coupling, so the Krylov
+        relation stays exact): the deflation check for eigenvalues the block could not see.
         """
         p, q = self.p, self.q
         coupling = self.T[p : p + q, :p] @ coeffs[:, :keep]
@@ -338,7 +341,8 @@ def block_lanczos(
         n: Dimension of the operator.
         k: Number of eigenpairs wanted, ``1 <= k <= n``.
         matmat: ``X -> A X`` for a block ``X`` of shape ``(n, b)``; preferred when given.
-        block_size: Block size ``b``; default ``min(k, 4)`` with ``matmat``, else 1; at least the columns of a block ``start``.
+        block_size: Block size ``b``; default ``min(k, 4)`` with ``matmat``, else 1; at least the columns of a
+            block ``start``.
         which: ``"largest"`` (returned descending) or ``"smallest"`` (returned ascending).
         tol: Relative residual tolerance, ``> 0``.
         max_matvecs: Budget of products (columns); default ``max(20 * num_vectors, 200)``.

@@ -519,6 +519,7 @@ def hutchinson_trace(
         seed: Base seed.
         dtype: Dtype of the probes.
         device: Device of the probes.
+        deflation: Optional ``(n, k)`` basis to deflate (exact ``tr(VᵀAV)`` plus Hutchinson on the rest).
 
     Returns:
         A :class:`TraceEstimate`.

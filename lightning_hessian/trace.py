@@ -87,8 +87,9 @@ def hutch_plus_plus(
     device: torch.device | str | None = None,
     matmat: Callable[[Tensor], Tensor] | None = None,
 ) -> TraceEstimate:
-    """Hutch++: deflate the range of ``A S`` (``S`` a random ``(n, sketch)`` sign block) and run
-    :func:`deflated_trace`; ``2 * sketch + (num_samples - 2 * sketch)`` products, ``sketch`` default ``num_samples // 3``.
+    """Hutch++: deflate the range of ``A S`` (``S`` a random ``(n, sketch)`` sign block), then :func:`deflated_trace`.
+
+    Spends ``num_samples`` products in all; ``sketch`` defaults to ``num_samples // 3``.
     """
     sketch = num_samples // 3 if sketch is None else sketch
     if not 1 <= sketch or num_samples - 2 * sketch < 1:
