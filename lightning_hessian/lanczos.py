@@ -20,10 +20,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_hessian.block_lanczos import EigenResult, MatMat, block_lanczos
+from lightning_hessian.memory import BasisMemoryError
+
 MatVec = Callable[[Tensor], Tensor]
 
 __all__ = [
+    "BasisMemoryError",
     "EigenResult",
+    "MatMat",
     "MatVec",
     "SpectralQuadrature",
     "TraceEstimate",
@@ -31,25 +36,6 @@ __all__ = [
     "lanczos",
     "stochastic_lanczos_quadrature",
 ]
-
-
-@dataclass
-class EigenResult:
-    r"""Extreme eigenpairs found by :func:`lanczos`.
-
-    Attributes:
-        eigenvalues: ``(k,)`` float64 eigenvalues, descending for ``which="largest"``, ascending for ``"smallest"``.
-        eigenvectors: ``(n, k)`` orthonormal Ritz vectors (in the solver dtype) or ``None``.
-        residual_norms: ``(k,)`` float64 Ritz residual norms :math:`\|A x_i - \theta_i x_i\|`.
-        num_matvecs: Products spent.
-        converged: Whether every residual met the tolerance (or the Krylov space exhausted the whole space).
-    """
-
-    eigenvalues: Tensor
-    eigenvectors: Tensor | None
-    residual_norms: Tensor
-    num_matvecs: int
-    converged: bool
 
 
 def _random_vector(n: int, seed: int, dtype: torch.dtype, device: torch.device | str | None, kind: str) -> Tensor:
@@ -168,6 +154,90 @@ class _Krylov:
 
 
 def lanczos(
+    matvec: MatVec | None,
+    n: int,
+    k: int,
+    *,
+    which: Literal["largest", "smallest"] = "largest",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    num_vectors: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    start: Tensor | None = None,
+    return_eigenvectors: bool = False,
+    matmat: MatMat | None = None,
+    block_size: int | None = None,
+    max_basis_bytes: int | None = None,
+) -> EigenResult:
+    r"""Extreme eigenpairs of a symmetric operator by block thick-restart Lanczos (BLAS-3, bounded memory).
+
+    Delegates to :func:`~lightning_hessian.block_lanczos.block_lanczos`: blocks of ``block_size`` vectors are
+    multiplied at once (``matmat`` when given, else ``matvec`` columnwise) and orthogonalised with matrix-matrix
+    products (local + global block classical Gram-Schmidt, a second global pass only on severe cancellation,
+    Householder QR with an SVD of the small factor for rank deficiency and breakdown). A Ritz pair is converged when
+
+    .. math::
+
+        \|A x_i - \theta_i x_i\| = \|B s_i\| \le \mathrm{tol} \cdot \max_j |\theta_j|,
+
+    with :math:`B` the coupling of the next block to the basis. Thick restarts (block Krylov-Schur; Wu & Simon 2000,
+    Zhou & Saad 2008) rotate the basis in place. After convergence, a short run from a fresh random block orthogonal
+    to the ``k`` Ritz vectors checks for missed copies of repeated eigenvalues (e.g. the I ⊗ A structure of
+    multi-output regression) and resumes the iteration if it finds one.
+
+    Memory: the basis holds ``rows = min(n, num_vectors + b)`` vectors of ``n`` entries, chosen to fit
+    ``max_basis_bytes`` together with four work blocks (default: 25% of the available memory of ``device``, capped
+    at 32 GiB). With ``return_eigenvectors`` the ``k`` returned vectors are the first rows of the basis (no copy).
+
+    Args:
+        matvec: ``v -> A v`` for a symmetric ``A`` of size ``n`` (may be ``None`` when ``matmat`` is given).
+        n: Dimension of the operator.
+        k: Number of eigenpairs wanted, ``1 <= k <= n``.
+        which: ``"largest"`` (algebraic, returned descending) or ``"smallest"`` (returned ascending).
+        tol: Relative residual tolerance, ``> 0``.
+        max_matvecs: Budget of products (a block of ``b`` counts ``b``); default ``max(20 * num_vectors, 200)``.
+        num_vectors: Krylov basis size before a restart; default ``max(2k, k + 20)``, reduced to fit the budget.
+        seed: Seed of the start block (and of fresh directions after a breakdown).
+        dtype: Dtype of the basis (``torch.float32`` or ``torch.float64``).
+        device: Device of the basis (the operator's device).
+        start: Optional ``(n,)`` start vector or ``(n, s)`` start block, e.g. a previous run's Ritz vectors (a warm
+            start from the whole tracked subspace); padded with random columns to the block size.
+        return_eigenvectors: Also return the ``(n, k)`` Ritz vectors.
+        matmat: Optional block product ``X -> A X`` for ``X`` of shape ``(n, b)``.
+        block_size: Block size ``b``; default ``min(k, 4)`` with ``matmat`` (else 1: a block of columnwise matvecs
+            costs more products for the same accuracy), raised to the columns of ``start``.
+        max_basis_bytes: Memory budget of the basis in bytes (see above).
+
+    Returns:
+        An :class:`EigenResult`; ``converged`` is ``False`` when the budget ran out first (the values are then the
+        best Ritz approximations, with their residual norms).
+
+    Raises:
+        ValueError: For ``k`` outside ``[1, n]``, an unknown ``which``, a non-positive ``tol``, budget or block size.
+        BasisMemoryError: When not even ``k`` vectors and two blocks fit in ``max_basis_bytes``.
+    """
+    return block_lanczos(
+        matvec,
+        n,
+        k,
+        matmat=matmat,
+        block_size=block_size,
+        which=which,
+        tol=tol,
+        max_matvecs=max_matvecs,
+        num_vectors=num_vectors,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        start=start,
+        return_eigenvectors=return_eigenvectors,
+        max_basis_bytes=max_basis_bytes,
+    )
+
+
+def _single_vector_lanczos(
     matvec: MatVec,
     n: int,
     k: int,
@@ -182,7 +252,7 @@ def lanczos(
     start: Tensor | None = None,
     return_eigenvectors: bool = False,
 ) -> EigenResult:
-    r"""Extreme eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalisation.
+    r"""The previous single-vector solver: thick-restart Lanczos with full reorthogonalisation (kept for comparison).
 
     The Krylov basis :math:`V_m` is kept orthonormal to working precision (two Gram-Schmidt passes per step), so the
     projected matrix :math:`T_m = V_m^\top A V_m` and the residual estimate
@@ -427,8 +497,12 @@ def hutchinson_trace(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    deflation: Tensor | None = None,
 ) -> TraceEstimate:
     r"""Trace of a symmetric operator by Hutchinson's estimator with Rademacher probes.
+
+    With ``deflation`` (an ``(n, k)`` basis, e.g. the top Ritz vectors) the deflated estimator of
+    :func:`lightning_hessian.trace.deflated_trace` is used instead (``k + num_samples`` products).
 
     .. math::
 
@@ -445,6 +519,7 @@ def hutchinson_trace(
         seed: Base seed.
         dtype: Dtype of the probes.
         device: Device of the probes.
+        deflation: Optional ``(n, k)`` basis to deflate (exact ``tr(VᵀAV)`` plus Hutchinson on the rest).
 
     Returns:
         A :class:`TraceEstimate`.
@@ -454,6 +529,10 @@ def hutchinson_trace(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if deflation is not None:
+        from lightning_hessian.trace import deflated_trace
+
+        return deflated_trace(matvec, n, deflation, num_samples=num_samples, seed=seed, dtype=dtype, device=device)
     values = torch.empty(num_samples, dtype=torch.float64)
     for s in range(num_samples):
         z = _random_vector(n, seed + s, dtype, device, "rademacher")

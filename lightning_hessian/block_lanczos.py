@@ -1,0 +1,456 @@
+r"""Block thick-restart Lanczos: extreme eigenpairs whose cost is the products, in a bounded basis.
+
+The basis :math:`V = [v_1, \dots, v_m]` is orthonormal to working precision. A step multiplies a whole block
+:math:`X` of ``b`` basis vectors (one ``matmat`` or ``b`` matvecs) and orthogonalises :math:`W = AX` with matrix-matrix
+products only (BLAS-3):
+
+1. a *local* classical Gram-Schmidt pass against the blocks :math:`AX` couples with in exact arithmetic (the previous
+   and current block; after a restart, every kept vector: the arrow of the thick restart),
+2. a *global* pass against the whole basis (this is the re-orthogonalisation of CGS2: it removes the rounding-level
+   components that ruin plain Lanczos), repeated once more only when it removed more than :math:`1 - 1/\sqrt2` of
+   the norm (Kahan-Parlett "twice is enough"),
+3. Householder QR :math:`W = Q R` followed by an SVD :math:`R = U \Sigma Y^\top` of the small factor, which reveals the
+   rank: directions with :math:`\sigma_i \le \epsilon_{\rm brk} \|A\|` are replaced by fresh seeded random directions
+   (an invariant subspace was found: breakdown), and the new block is :math:`Q U` with coupling :math:`\Sigma Y^\top`.
+
+The projected matrix :math:`T = V^\top A V` is assembled from the Gram-Schmidt coefficients; the residual of the Ritz
+pair :math:`(\theta_i, V s_i)` is :math:`\|B s_i\|` with :math:`B` the coupling of the pending (not yet multiplied)
+rows to the multiplied ones. A pair is converged when :math:`\|B s_i\| \le \mathrm{tol} \max_j |\theta_j|`.
+
+When the basis is full, the ``k`` wanted Ritz vectors and half of the others are kept (Wu & Simon 2000, here in block
+form, i.e. block Krylov-Schur, Zhou & Saad 2008): the rotation :math:`V \leftarrow V S` is done in place, in column
+chunks of the ``(m, n)`` row-major basis, so no second basis-sized temporary exists. The basis is sized from
+``max_basis_bytes`` (default: 25% of the available device memory, capped at 32 GiB): when the default size does not
+fit, a smaller basis is used (more restarts); when not even ``k`` vectors plus two blocks fit,
+:class:`~lightning_hessian.memory.BasisMemoryError` is raised before anything is allocated.
+
+A block of size ``b`` sees up to ``b`` vectors of each eigenspace, and after convergence a short run from a fresh
+random block orthogonal to the ``k`` Ritz vectors checks that no larger eigenvalue was missed (multiplicities beyond
+``b``); if one shows up, the iteration continues.
+
+No Lightning import.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_hessian.memory import BasisMemoryError, default_basis_budget
+
+MatVec = Callable[[Tensor], Tensor]
+MatMat = Callable[[Tensor], Tensor]
+
+__all__ = ["EigenResult", "MatMat", "MatVec", "block_lanczos", "random_block"]
+
+_SQRT_HALF = 0.7071067811865476
+_CHUNK_BYTES = 64 * 2**20  # column chunk of the in-place restart rotation
+
+
+@dataclass
+class EigenResult:
+    r"""Extreme eigenpairs found by :func:`~lightning_hessian.lanczos.lanczos`.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64 eigenvalues, descending for ``which="largest"``, ascending for ``"smallest"``.
+        eigenvectors: ``(n, k)`` orthonormal Ritz vectors (in the solver dtype) or ``None``.
+        residual_norms: ``(k,)`` float64 Ritz residual norms :math:`\|A x_i - \theta_i x_i\|`.
+        num_matvecs: Products spent (columns of blocks count one each).
+        converged: Whether every residual met the tolerance (or the Krylov space exhausted the whole space).
+        num_restarts: Thick restarts performed.
+        block_size: Block size used.
+        basis_bytes: Bytes of the Krylov basis that was allocated.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor | None
+    residual_norms: Tensor
+    num_matvecs: int
+    converged: bool
+    num_restarts: int = 0
+    block_size: int = 1
+    basis_bytes: int = 0
+
+
+def random_block(
+    n: int, cols: int, seed: int, dtype: torch.dtype, device: torch.device | str | None, kind: str = "gaussian"
+) -> Tensor:
+    """Seeded ``(n, cols)`` random block drawn on the CPU (identical on every rank and device)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    if kind == "rademacher":
+        block = torch.randint(0, 2, (cols, n), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
+    else:
+        block = torch.randn(cols, n, generator=gen, dtype=torch.float64)
+    return block.T.to(device=device, dtype=dtype)
+
+
+class _Rows:
+    """An ``(M, n)`` row-major matrix stored as one or two segments.
+
+    The first ``head`` rows can then be kept (and returned) while the rest is freed.
+    """
+
+    def __init__(self, rows: int, n: int, head: int, dtype: torch.dtype, device) -> None:
+        cuts = [0, head, rows] if 0 < head < rows else [0, rows]
+        self.segments = [(a, torch.zeros(b - a, n, dtype=dtype, device=device)) for a, b in zip(cuts[:-1], cuts[1:])]
+        self.n, self.rows = n, rows
+
+    def parts(self, j0: int, j1: int):
+        """``(offset into [j0, j1), rows view)`` for each segment overlapping rows ``j0..j1-1``."""
+        for start, seg in self.segments:
+            a, b = max(j0, start), min(j1, start + seg.shape[0])
+            if a < b:
+                yield a - j0, seg[a - start : b - start]
+
+    def gram(self, j0: int, j1: int, w: Tensor) -> Tensor:
+        """``V[j0:j1] @ w`` for ``w`` of shape ``(n, b)``."""
+        out = w.new_empty(j1 - j0, w.shape[1])
+        for off, view in self.parts(j0, j1):
+            torch.matmul(view, w, out=out[off : off + view.shape[0]])
+        return out
+
+    def subtract(self, j0: int, j1: int, coeffs: Tensor, w: Tensor) -> None:
+        """``w -= V[j0:j1].T @ coeffs`` in place."""
+        for off, view in self.parts(j0, j1):
+            w.addmm_(view.T, coeffs[off : off + view.shape[0]], alpha=-1)
+
+    def get(self, j0: int, j1: int) -> Tensor:
+        """Rows ``j0..j1-1`` as a ``(j1-j0, n)`` tensor (a view when they lie in one segment)."""
+        pieces = [view for _, view in self.parts(j0, j1)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def put(self, j0: int, rows: Tensor) -> None:
+        """Write ``rows`` (``(r, n)``) at rows ``j0..j0+r-1``."""
+        for off, view in self.parts(j0, j0 + rows.shape[0]):
+            view.copy_(rows[off : off + view.shape[0]])
+
+    def rotate(self, j1: int, coeffs: Tensor) -> None:
+        """Rows ``0..r-1`` become ``coeffs.T @ V[:j1]`` (``coeffs`` is ``(j1, r)``, ``r <= j1``), in place.
+
+        Chunked over the columns, so that the only temporary is ``(j1, chunk)``.
+        """
+        coeffs_t = coeffs.T.contiguous()
+        itemsize = self.segments[0][1].element_size()
+        chunk = max(1, _CHUNK_BYTES // max(1, j1 * itemsize))
+        r = coeffs.shape[1]
+        for c0 in range(0, self.n, chunk):
+            c1 = min(self.n, c0 + chunk)
+            block = torch.cat([view[:, c0:c1] for _, view in self.parts(0, j1)])
+            new = coeffs_t @ block
+            for off, view in self.parts(0, r):
+                view[:, c0:c1] = new[off : off + view.shape[0]]
+
+
+class _BlockKrylov:
+    """State of one block thick-restart Lanczos run on ``op`` (which computes ``A X`` for a block ``X``)."""
+
+    def __init__(self, op, n: int, rows: int, block: int, head: int, dtype, device, seed: int) -> None:
+        self.op, self.n, self.M, self.b, self.seed = op, n, rows, block, seed
+        self.dtype, self.device = dtype, device
+        self.V = _Rows(rows, n, head, dtype, device)
+        self.T = torch.zeros(rows, rows, dtype=torch.float64)
+        self.p = 0  # multiplied rows (the Krylov-Schur part)
+        self.q = 0  # pending rows (orthonormal, not yet multiplied)
+        self.local = 0  # first row the next product couples with in exact arithmetic
+        self.products = 0
+        self.restarts = 0
+        self.norm = 0.0  # running estimate of |A| (largest column norm of a product)
+        self.breakdown = {torch.float64: 1e-11, torch.float32: 1e-5}.get(dtype, 1e-5)
+
+    @property
+    def used(self) -> int:
+        return self.p + self.q
+
+    def start(self, block: Tensor) -> None:
+        q, _ = self._orthonormal(block.to(device=self.device, dtype=self.dtype), block.shape[1], scale=None)
+        self.V.put(0, q.T)
+        self.p, self.q, self.local = 0, q.shape[1], 0
+        self.T.zero_()
+
+    def _orthogonalise(self, w: Tensor, lo: int) -> Tensor:
+        """Block CGS against the used rows (local pass from ``lo``, then global passes); returns the coefficients."""
+        used = self.used
+        coeffs = w.new_zeros(used, w.shape[1])
+        if used == 0:
+            return coeffs
+        if lo > 0:
+            local = self.V.gram(lo, used, w)
+            self.V.subtract(lo, used, local, w)
+            coeffs[lo:] += local
+        for _pass in range(3):
+            before = torch.linalg.vector_norm(w, dim=0)
+            more = self.V.gram(0, used, w)
+            self.V.subtract(0, used, more, w)
+            coeffs += more
+            after = torch.linalg.vector_norm(w, dim=0)
+            if bool((after >= _SQRT_HALF * before).all()):
+                break
+        return coeffs
+
+    def _orthonormal(self, w: Tensor, cols: int, scale: float | None) -> tuple[Tensor, Tensor]:
+        """Orthonormal ``Q`` (``(n, cols)``, orthogonal to the used rows) and coupling ``B`` with ``w ≈ Q B``.
+
+        ``w`` must already be orthogonal to the used rows. Rank-deficient directions (singular values of ``w`` at
+        most ``breakdown * scale``) are replaced by seeded random directions with zero coupling.
+        """
+        if scale is None:  # a start block: its own norm is the scale
+            scale = float(torch.linalg.vector_norm(w, dim=0).max())
+        if not math.isfinite(scale) or scale == 0.0:
+            raise ValueError("the start block must be finite and non-zero")
+        qh, r = torch.linalg.qr(w)
+        u, sig, yt = torch.linalg.svd(r.to(torch.float64))
+        good = int((sig > self.breakdown * scale).sum().clamp(max=cols))
+        q = qh @ u[:, :good].to(qh.dtype)
+        coupling = torch.zeros(cols, w.shape[1], dtype=torch.float64)
+        coupling[:good] = sig[:good, None] * yt[:good]
+        fragile = good < cols or (good > 0 and float(sig[good - 1]) < 1e-3 * float(sig[0]))
+        if good < cols:
+            self.seed += 7919
+            fresh = random_block(self.n, cols - good, self.seed, self.dtype, self.device)
+            q = torch.cat([q, fresh], dim=1)
+        if fragile:  # amplified rounding along the basis (or raw random columns): one more pass and a QR
+            for _pass in range(2):
+                if self.used:
+                    self.V.subtract(0, self.used, self.V.gram(0, self.used, q), q)
+                if good:
+                    q[:, good:] -= q[:, :good] @ (q[:, :good].T @ q[:, good:])
+            q2, r2 = torch.linalg.qr(q)
+            coupling = r2.to(torch.float64).cpu() @ coupling
+            q = q2
+        return q, coupling
+
+    def extend(self, budget: int) -> None:
+        """Multiply (up to ``budget`` of) the pending rows and append the next block."""
+        p, q = self.p, self.q
+        r = min(q, budget, self.b)
+        x = self.V.get(p, p + r).T
+        w = self.op(x).to(self.dtype)
+        if w.shape != x.shape:
+            w = w.reshape(x.shape)
+        if not bool(torch.isfinite(w).all()):
+            raise FloatingPointError("the operator returned a non-finite product")
+        self.products += r
+        w = w.clone() if w.data_ptr() == x.data_ptr() else w
+        self.norm = max(self.norm, float(torch.linalg.vector_norm(w, dim=0).max()))
+        coeffs = self._orthogonalise(w, self.local).to(torch.float64).cpu()
+        used = self.used
+        self.T[:used, p : p + r] = coeffs
+        self.T[p : p + r, :used] = coeffs.T
+        diag = self.T[p : p + r, p : p + r]
+        self.T[p : p + r, p : p + r] = (diag + diag.T) / 2
+        cols = min(r, self.n - used, self.M - used)
+        if cols > 0:
+            new, coupling = self._orthonormal(w, cols, scale=max(self.norm, torch.finfo(torch.float64).tiny))
+            self.V.put(used, new.T)
+            self.T[used : used + cols, p : p + r] = coupling
+            self.T[p : p + r, used : used + cols] = coupling.T
+        self.local = p
+        self.p = p + r
+        self.q = q - r + cols
+
+    def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Ritz values (descending), coefficient vectors and residual norms of the multiplied rows."""
+        p = self.p
+        theta, coeffs = torch.linalg.eigh(self.T[:p, :p])
+        theta, coeffs = theta.flip(0), coeffs.flip(1)
+        residuals = torch.linalg.vector_norm(self.T[p : self.used, :p] @ coeffs, dim=0)
+        return theta, coeffs, residuals
+
+    def restart(self, theta: Tensor, coeffs: Tensor, keep: int, fresh: bool = False) -> None:
+        """Keep ``keep`` Ritz vectors (rotated in place) and the pending rows.
+
+        With ``fresh``, also append a seeded random block orthogonal to all of them (zero coupling, so the Krylov
+        relation stays exact): the deflation check for eigenvalues the block could not see.
+        """
+        p, q = self.p, self.q
+        coupling = self.T[p : p + q, :p] @ coeffs[:, :keep]
+        pending = self.V.get(p, p + q).clone()
+        self.V.rotate(p, coeffs[:, :keep].to(device=self.device, dtype=self.dtype))
+        self.T.zero_()
+        self.T[:keep, :keep] = torch.diag(theta[:keep])
+        self.V.put(keep, pending)
+        self.T[keep : keep + q, :keep] = coupling
+        self.T[:keep, keep : keep + q] = coupling.T
+        self.p, self.q, self.local = keep, q, 0
+        if fresh:
+            self.seed += 104729
+            cols = min(self.b, self.n - self.used, self.M - self.used)
+            block = random_block(self.n, cols, self.seed, self.dtype, self.device)
+            self.V.subtract(0, self.used, self.V.gram(0, self.used, block), block)
+            new, _ = self._orthonormal(block, cols, scale=None)
+            self.V.put(self.used, new.T)
+            self.q += cols
+        self.restarts += 1
+
+
+def _keep(k: int, p: int, q: int, rows: int, block: int) -> int:
+    """Ritz vectors kept at a restart: ``k`` plus about half of the free room, leaving whole blocks to grow."""
+    room = max(block, (rows - q - k) // 2 // block * block)
+    return max(min(k, p), min(p - 1, rows - q - room))
+
+
+def _choose_rows(n: int, k: int, block: int, num_vectors: int | None, itemsize: int, budget: int) -> tuple[int, int]:
+    """Rows of the basis and block size that fit ``budget`` bytes (work blocks included)."""
+    wanted = num_vectors if num_vectors is not None else max(2 * k, k + 20, k + 4 * block)
+    wanted = max(wanted, k + block)
+    per_row = n * itemsize
+    while True:
+        work = 4 * block * per_row  # product, its orthogonalisation and the QR of one block
+        rows = min(n, wanted + block)
+        minimum = min(n, k + 2 * block)
+        fit = (budget - work) // per_row
+        if fit >= minimum:
+            return int(min(rows, fit)), block
+        if block == 1:
+            need = minimum * per_row + work
+            raise BasisMemoryError(
+                f"the Krylov basis for k = {k} eigenvectors of size n = {n} needs at least {need} bytes "
+                f"({minimum} vectors of {per_row} bytes plus {work} bytes of work blocks) but max_basis_bytes = "
+                f"{budget}; lower k, use dtype=torch.float32, or raise max_basis_bytes"
+            )
+        block = max(1, block // 2)
+
+
+def block_lanczos(
+    matvec: MatVec | None,
+    n: int,
+    k: int,
+    *,
+    matmat: MatMat | None = None,
+    block_size: int | None = None,
+    which: Literal["largest", "smallest"] = "largest",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    num_vectors: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    start: Tensor | None = None,
+    return_eigenvectors: bool = False,
+    max_basis_bytes: int | None = None,
+) -> EigenResult:
+    r"""Extreme eigenpairs by block thick-restart Lanczos (see the module docstring for the method).
+
+    Args:
+        matvec: ``v -> A v`` (used columnwise when ``matmat`` is ``None``).
+        n: Dimension of the operator.
+        k: Number of eigenpairs wanted, ``1 <= k <= n``.
+        matmat: ``X -> A X`` for a block ``X`` of shape ``(n, b)``; preferred when given.
+        block_size: Block size ``b``; default ``min(k, 4)`` with ``matmat``, else 1; at least the columns of a
+            block ``start``.
+        which: ``"largest"`` (returned descending) or ``"smallest"`` (returned ascending).
+        tol: Relative residual tolerance, ``> 0``.
+        max_matvecs: Budget of products (columns); default ``max(20 * num_vectors, 200)``.
+        num_vectors: Basis size before a restart; default ``max(2k, k + 20)`` (bounded by ``max_basis_bytes``).
+        seed: Seed of the random start block and of fresh directions.
+        dtype: Dtype of the basis.
+        device: Device of the basis.
+        start: ``(n,)`` start vector or ``(n, s)`` start block (e.g. the previous top subspace: a warm start);
+            padded with seeded random columns to the block size.
+        return_eigenvectors: Also return the ``(n, k)`` Ritz vectors.
+        max_basis_bytes: Memory budget of the basis and work blocks; default 25% of the available memory of
+            ``device`` (capped at 32 GiB).
+
+    Returns:
+        An :class:`EigenResult`.
+
+    Raises:
+        ValueError: For bad arguments.
+        BasisMemoryError: When ``k`` vectors plus two blocks do not fit in ``max_basis_bytes``.
+    """
+    if n < 1 or not 1 <= k <= n:
+        raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}")
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if matvec is None and matmat is None:
+        raise ValueError("one of matvec or matmat must be given, got neither")
+    if block_size is not None and not 1 <= block_size:
+        raise ValueError(f"block_size must be a positive integer, got {block_size}")
+    if start is not None and (start.dim() not in (1, 2) or start.shape[0] != n):
+        raise ValueError(f"start must have shape (n,) or (n, s) with n = {n}, got {tuple(start.shape)}")
+    start_cols = 0 if start is None else (1 if start.dim() == 1 else start.shape[1])
+    default = min(k, 4) if matmat is not None else 1  # columnwise matvec: blocks cost products
+    block = max(block_size if block_size is not None else default, start_cols)
+    block = min(block, n)
+    budget_bytes = max_basis_bytes if max_basis_bytes is not None else default_basis_budget(device)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    rows, block = _choose_rows(n, k, block, num_vectors, itemsize, int(budget_bytes))
+    size = rows - block
+    budget = max_matvecs if max_matvecs is not None else max(20 * max(size, k + 1), 200)
+    if budget < 1:
+        raise ValueError(f"max_matvecs must be a positive integer, got {max_matvecs}")
+    sign = 1.0 if which == "largest" else -1.0
+
+    def op(x: Tensor) -> Tensor:
+        if matmat is not None:
+            out = matmat(x.contiguous())
+        else:
+            out = torch.stack([matvec(x[:, i]).reshape(-1) for i in range(x.shape[1])], dim=1)
+        return out if sign > 0 else -out
+
+    krylov = _BlockKrylov(op, n, rows, block, k, dtype, device, seed)  # same layout either way: same bits
+    first = random_block(n, block, seed, dtype, device)
+    if start is not None:
+        given = start.reshape(n, -1).to(device=device, dtype=dtype)
+        first = torch.cat([given, first[:, : block - given.shape[1]]], dim=1)
+    krylov.start(first)
+    check_every = max(1, max(8, size // 8) // block)
+    blocks, rounds, saved = 0, 0, None
+    theta = coeffs = residuals = None
+    converged = complete = False
+    while True:
+        if krylov.used + min(block, n - krylov.used) > rows:
+            theta, coeffs, residuals = krylov.ritz()
+            krylov.restart(theta, coeffs, keep=_keep(k, krylov.p, krylov.q, rows, block))
+        krylov.extend(budget - krylov.products)
+        blocks += 1
+        complete = krylov.q == 0 and krylov.p >= n  # the whole space is spanned
+        out_of_budget = krylov.products >= budget
+        no_room = krylov.used + min(block, n - krylov.used) > rows
+        if not (complete or out_of_budget or no_room or saved is not None or blocks % check_every == 0):
+            continue
+        theta, coeffs, residuals = krylov.ritz()
+        wanted = min(k, theta.numel())
+        scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
+        if saved is not None:  # a deflation check is running
+            if theta.numel() >= k and float(theta[k - 1]) > float(saved[0][k - 1]) + tol * scale:
+                saved = None  # a missed eigenvalue (a multiplicity beyond the block): keep iterating
+            elif complete or out_of_budget or no_room or krylov.p - k >= max(8, size // 8):
+                theta, residuals = saved
+                wanted, converged, coeffs = k, True, None  # rows 0..k-1 hold the saved Ritz vectors
+                break
+            else:
+                continue
+        converged = wanted == k and (complete or bool((residuals[:k] <= tol * scale).all()))
+        if complete or (out_of_budget and not converged):
+            break
+        if converged:
+            if rounds >= 8 or out_of_budget or k + krylov.q + block > n or k + krylov.q + 2 * block > rows:
+                break
+            rounds += 1
+            saved = (theta[:k].clone(), residuals[:k].clone())
+            krylov.restart(theta, coeffs, keep=k, fresh=True)
+            coeffs = None
+    if coeffs is not None:  # rotate the wanted Ritz vectors into rows 0..wanted-1
+        krylov.V.rotate(krylov.p, coeffs[:, :wanted].to(device=krylov.device, dtype=dtype))
+    vectors = None
+    if return_eigenvectors:
+        vectors = krylov.V.segments[0][1][:wanted].T
+    basis_bytes = rows * n * itemsize
+    return EigenResult(
+        eigenvalues=sign * theta[:wanted],
+        eigenvectors=vectors,
+        residual_norms=residuals[:wanted],
+        num_matvecs=krylov.products,
+        converged=converged,
+        num_restarts=krylov.restarts,
+        block_size=block,
+        basis_bytes=basis_bytes,
+    )

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from lightning_hessian.lanczos import BasisMemoryError, hutchinson_trace, lanczos
+from lightning_hessian.trace import deflated_trace, hutch_plus_plus
+from tests.cases import symmetric_with_spectrum
+
+
+def spectra(n: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return {
+        "clustered": torch.cat(
+            [
+                5 + 1e-3 * torch.rand(6, generator=gen, dtype=torch.float64),
+                torch.rand(n - 6, generator=gen, dtype=torch.float64),
+            ]
+        ),
+        "repeated": torch.cat(
+            [torch.tensor([4.0] * 5 + [3.0] * 4).double(), 2 * torch.rand(n - 9, generator=gen, dtype=torch.float64)]
+        ),
+        "power_law": 10 * i**-1.2,
+        "indefinite": torch.linspace(-6, 5, n, dtype=torch.float64) ** 3,
+    }
+
+
+@pytest.mark.parametrize("name", ["clustered", "repeated", "power_law", "indefinite"])
+@pytest.mark.parametrize("block", [2, 4, 8])
+def test_block_path_matches_eigvalsh(name, block):
+    n, k = 200, 12
+    matrix = symmetric_with_spectrum(spectra(n)[name], seed=block)
+    reference = torch.linalg.eigvalsh(matrix).flip(0)[:k]
+    result = lanczos(None, n, k, matmat=lambda x: matrix @ x, block_size=block, tol=1e-10, return_eigenvectors=True)
+    assert result.converged and result.block_size == block
+    assert ((result.eigenvalues - reference).abs() / reference.abs().max()).max() <= 1e-8
+    x = result.eigenvectors
+    torch.testing.assert_close(x.T @ x, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
+    residual = torch.linalg.vector_norm(matrix @ x - x * result.eigenvalues, dim=0)
+    torch.testing.assert_close(residual, result.residual_norms, atol=1e-9, rtol=0)
+    if name != "indefinite":
+        return
+    smallest = lanczos(None, n, 5, matmat=lambda x: matrix @ x, block_size=block, which="smallest", tol=1e-10)
+    torch.testing.assert_close(
+        smallest.eigenvalues, torch.linalg.eigvalsh(matrix)[:5], atol=1e-8 * float(reference.abs().max()), rtol=0
+    )
+
+
+def test_small_memory_budget_restarts_and_too_small_raises():
+    n, k = 300, 10
+    matrix = symmetric_with_spectrum(spectra(n)["power_law"], seed=3)
+    reference = torch.linalg.eigvalsh(matrix).flip(0)[:k]
+    budget = (k + 4 * 2 + 4 * 2) * n * 8  # k vectors + 2 blocks of 2 + the work blocks
+    small = lanczos(
+        None, n, k, matmat=lambda x: matrix @ x, block_size=2, max_basis_bytes=budget, tol=1e-9, max_matvecs=5000
+    )
+    assert small.converged and small.basis_bytes <= budget and small.num_restarts > 1
+    torch.testing.assert_close(small.eigenvalues, reference, atol=1e-8 * float(reference[0]), rtol=0)
+    with pytest.raises(BasisMemoryError, match="max_basis_bytes"):
+        lanczos(None, n, k, matmat=lambda x: matrix @ x, max_basis_bytes=5 * n * 8)
+    assert issubclass(BasisMemoryError, ValueError) and issubclass(BasisMemoryError, MemoryError)
+
+
+def test_block_warm_start_from_perturbed_subspace():
+    n, k = 400, 8
+    matrix = symmetric_with_spectrum(spectra(n)["power_law"], seed=4)
+    cold = lanczos(None, n, k, matmat=lambda x: matrix @ x, block_size=8, tol=1e-6, return_eigenvectors=True)
+    gen = torch.Generator().manual_seed(0)
+    start = cold.eigenvectors + 1e-3 * torch.randn(n, k, generator=gen, dtype=torch.float64) / n**0.5
+    warm = lanczos(None, n, k, matmat=lambda x: matrix @ x, start=start, tol=1e-6)
+    assert warm.converged and warm.num_matvecs <= cold.num_matvecs // 2
+    torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, atol=1e-9, rtol=0)
+
+
+def test_deflated_trace_exact_for_low_rank_and_stderr_consistent():
+    n = 120
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(n, 5, generator=gen, dtype=torch.float64))[0]
+    low = basis @ torch.diag(torch.tensor([5.0, 3, 2, -1, 0.5]).double()) @ basis.T
+    est = deflated_trace(lambda v: low @ v, n, basis, num_samples=4)
+    assert est.value == pytest.approx(float(low.trace()), abs=1e-12) and est.stderr == pytest.approx(0, abs=1e-12)
+    assert est.num_samples == 9
+    matrix = symmetric_with_spectrum(10 * torch.arange(1, n + 1, dtype=torch.float64) ** -1.2, seed=2)
+    top = lanczos(lambda v: matrix @ v, n, 8, return_eigenvectors=True).eigenvectors
+    values = torch.tensor(
+        [deflated_trace(lambda v: matrix @ v, n, top, num_samples=16, seed=s).value for s in range(200)]
+    )
+    errs = [deflated_trace(lambda v: matrix @ v, n, top, num_samples=16, seed=s).stderr for s in range(20)]
+    exact = float(matrix.trace())
+    assert abs(float(values.mean()) - exact) <= 4 * float(values.std()) / 200**0.5  # unbiased
+    assert 0.5 <= float(torch.tensor(errs).mean()) / float(values.std()) <= 1.5  # stderr matches the spread
+    plain = torch.tensor([hutchinson_trace(lambda v: matrix @ v, n, num_samples=24, seed=s).value for s in range(50)])
+    assert float(values.std()) < 0.5 * float(plain.std())
+    est = hutchinson_trace(lambda v: matrix @ v, n, num_samples=16, deflation=top)
+    assert abs(est.value - exact) <= 5 * est.stderr + 1e-12
+    pp = hutch_plus_plus(lambda v: matrix @ v, n, num_samples=24)
+    assert pp.num_samples == 24 and abs(pp.value - exact) <= 5 * pp.stderr
