@@ -43,8 +43,14 @@ def deflated_trace(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     matmat: Callable[[Tensor], Tensor] | None = None,
+    ritz_values: Tensor | None = None,
 ) -> TraceEstimate:
     r"""Trace as :math:`\operatorname{tr}(V^\top A V)` (exact) plus Hutchinson on :math:`(I-VV^\top)A(I-VV^\top)`.
+
+    With ``ritz_values`` the columns of ``V`` must be Ritz vectors of one Rayleigh-Ritz projection (for instance the
+    eigenvectors :func:`~lightning_hessian.lanczos.lanczos` returns): then :math:`V^\top A V = \operatorname{diag}
+    (\theta)` because the Lanczos residuals are orthogonal to the Krylov space, and the exact part costs no product
+    (``num_samples`` products in all instead of ``k + num_samples``).
 
     Args:
         matvec: ``v -> A v`` (or ``None`` with ``matmat``).
@@ -55,10 +61,11 @@ def deflated_trace(
         dtype: Dtype of the computation.
         device: Device of the probes.
         matmat: Optional block product ``X -> A X``.
+        ritz_values: ``(k,)`` Ritz values of the columns of ``deflation`` (see above); ``None`` spends ``k`` products.
 
     Returns:
         A :class:`~lightning_hessian.lanczos.TraceEstimate`; ``stderr`` is the one of the stochastic part and
-        ``num_samples`` counts all products (``k + num_samples``).
+        ``num_samples`` counts all products (``k + num_samples``, or ``num_samples`` with ``ritz_values``).
 
     Raises:
         ValueError: For ``num_samples < 1`` or a ``deflation`` of the wrong shape.
@@ -67,13 +74,21 @@ def deflated_trace(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if deflation.dim() != 2 or deflation.shape[0] != n:
         raise ValueError(f"deflation must have shape (n, k) with n = {n}, got {tuple(deflation.shape)}")
-    v, _ = torch.linalg.qr(deflation.to(device=device, dtype=dtype))
-    exact = float(torch.einsum("ij,ij->", v, _apply(matvec, matmat, v).to(dtype)))
+    if ritz_values is not None:
+        if ritz_values.numel() != deflation.shape[1]:
+            raise ValueError(
+                f"need one Ritz value per deflation column, got {ritz_values.numel()} for {deflation.shape[1]}"
+            )
+        v = deflation.to(device=device, dtype=dtype)
+        exact, spent = float(ritz_values.to(torch.float64).sum()), 0
+    else:
+        v, _ = torch.linalg.qr(deflation.to(device=device, dtype=dtype))
+        exact, spent = float(torch.einsum("ij,ij->", v, _apply(matvec, matmat, v).to(dtype))), v.shape[1]
     z = random_block(n, num_samples, seed, dtype, device, kind="rademacher")
     z = z - v @ (v.T @ z)
     samples = torch.einsum("ij,ij->j", z, _apply(matvec, matmat, z).to(dtype)).to(torch.float64).cpu()
     stderr = float(samples.std(unbiased=True) / math.sqrt(num_samples)) if num_samples > 1 else float("nan")
-    return TraceEstimate(value=exact + float(samples.mean()), stderr=stderr, num_samples=v.shape[1] + num_samples)
+    return TraceEstimate(value=exact + float(samples.mean()), stderr=stderr, num_samples=spent + num_samples)
 
 
 def hutch_plus_plus(
