@@ -59,37 +59,42 @@ def _charts(layout):
     return {title: spec for category in layout.values() for title, spec in category.items()}
 
 
-def test_custom_scalar_layout_regexes_match_only_their_keys():
+def test_custom_scalar_layout_names_exact_keys():
     layout = rp.custom_scalar_layout("hessian", extra_keys=["hessian/net.0/lambda_max"])
     charts = _charts(layout)
-    (pattern,) = charts["sharpness λ_max"][1]
-    assert re.search(pattern, "hessian/lambda_max") and not re.search(pattern, "hessian/net.0/lambda_max")
-    (layer_pattern,) = charts["hessian/net.0/lambda_max"][1]
+    assert charts["sharpness λ_max"] == ["Margin", ["hessian/lambda_max"] * 3]
+    assert charts["hessian/net.0/lambda_max"] == ["Margin", ["hessian/net.0/lambda_max"] * 3]
     full_charts = _charts(rp.custom_scalar_layout("hessian", jacobian_prefix="jacobian", embedding_prefix="embedding"))
     assert full_charts["FPT median, band q10-q90 (non-zero part)"] == [
         "Margin",
         ["jacobian/fpt_q50", "jacobian/fpt_q10", "jacobian/fpt_q90"],
     ]
-    (widths,) = full_charts["effective width per layer"][1]
+    (widths,) = full_charts["effective width per layer"][1]  # without the logged keys: one regex chart
     assert re.match(widths, "embedding/effective_width/net.0") and not re.match(widths, "hessian/lambda_max")
-    assert re.search(layer_pattern, "hessian/net.0/lambda_max") and not re.search(
-        layer_pattern, "hessian/net10/lambda_max"
-    )
+    assert not re.match(widths, "embedding/effective_widthX/net.0")
 
 
 def test_custom_scalar_layout_one_quantity_per_chart_and_margins():
-    charts = _charts(rp.custom_scalar_layout("hessian", jacobian_prefix="jacobian", embedding_prefix="embedding"))
+    layout = rp.custom_scalar_layout("hessian", jacobian_prefix="jacobian", embedding_prefix="embedding")
+    charts = _charts(layout)
     for title, (kind, tags) in charts.items():
-        # TensorBoard colours a chart's lines by run, not by tag: two tags in one chart cannot be told apart
+        # TensorBoard colours a chart's lines by run, not by tag: two tags in one chart cannot be told apart;
+        # margin charts are drawn unsmoothed
         assert (kind, len(tags)) in {("Multiline", 1), ("Margin", 3)}, title
-    assert charts["HVPs per probe"] == ["Multiline", ["^hessian/hvps$"]]
-    assert charts["seconds per probe"] == ["Multiline", ["^hessian/probe_seconds$"]]
+        assert kind == "Margin" or title == "effective width per layer", title
+    assert charts["HVPs per probe"] == ["Margin", ["hessian/hvps"] * 3]
+    assert charts["seconds per probe"] == ["Margin", ["hessian/probe_seconds"] * 3]
     assert charts["density exponent β̂ ± stderr"] == [
         "Margin",
         ["hessian/powerlaw_beta", "hessian/powerlaw_beta/lower", "hessian/powerlaw_beta/upper"],
     ]
     assert charts["trace tr(H) ± stderr (Hutchinson)"][1] == list(rp.margin_tags("hessian/trace"))
-    assert charts["KS ratio d_ks / d_c (below 1: power law)"] == ["Multiline", ["^hessian/ks_ratio$"]]
+    assert charts["KS ratio d_ks / d_c (below 1: power law)"] == ["Margin", ["hessian/ks_ratio"] * 3]
+    every_metric = {tags[0] for kind, tags in charts.values() if kind == "Margin"}
+    assert {rp.metric_key("hessian", m) for m in rp.METRICS} - every_metric == {
+        "hessian/powerlaw_beta_stderr",  # drawn as the band of powerlaw_beta
+        "hessian/trace_stderr",  # drawn as the band of trace
+    }
 
 
 def test_custom_scalar_layout_keeps_only_logged_keys():
@@ -110,7 +115,7 @@ def test_custom_scalar_layout_keeps_only_logged_keys():
         "merge output error",
     }
     assert "Power law (h, full probes)" not in layout  # an empty category is dropped
-    assert charts["effective width net.2"] == ["Multiline", ["^emb/effective_width/net\\.2$"]]
+    assert charts["effective width net.2"] == ["Margin", ["emb/effective_width/net.2"] * 3]
 
 
 def test_margin_items_are_value_plus_minus_stderr():
@@ -200,6 +205,7 @@ def test_fitted_rank_law_passes_through_the_geometric_centre():
     assert torch.log(line).mean() == pytest.approx(float(torch.log(eig).mean()), rel=1e-12)
     slopes = torch.diff(torch.log(line)) / torch.diff(torch.log(k))
     assert torch.allclose(slopes, torch.full_like(slopes, -s), rtol=1e-10)
+
     def rss(curve):
         return float((torch.log(curve) - torch.log(eig)).pow(2).sum())
 

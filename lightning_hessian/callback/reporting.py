@@ -290,14 +290,18 @@ def custom_scalar_layout(
 ) -> dict[str, dict[str, list[Any]]]:
     """Custom-scalar layout (``SummaryWriter.add_custom_scalars``) of the metrics under ``prefix``.
 
-    Built to read with TensorBoard's defaults: TensorBoard colours the lines of a chart by run, not by tag, and scales
-    each chart to its own data, so every chart holds one quantity (HVPs and seconds apart, ``d_ks`` and ``d_c`` apart,
-    with the verdict on one scale as ``ks_ratio = d_ks / d_c``, accepted below 1); a quantity with an uncertainty is a
-    ``Margin`` chart (value with the band value ± stderr, tags from :func:`margin_tags`: ``powerlaw_beta`` ±
-    ``powerlaw_beta_stderr``, ``trace`` ± ``trace_stderr``; the Jacobian median with its 10-90 % deciles).
+    Built to read with TensorBoard's defaults (smoothing 0.6, "ignore outliers in chart scaling" on, checked in
+    headless Chromium with ``tools/dashboard_screenshots.py``): TensorBoard colours a chart's lines by run, not by
+    tag, so every chart holds one quantity (HVPs and seconds apart, ``d_ks`` and ``d_c`` apart, the verdict on one
+    scale as ``ks_ratio = d_ks / d_c``, accepted below 1). Every chart is a ``Margin`` chart, which TensorBoard draws
+    without smoothing: a quantity with an uncertainty has the band value ± stderr (tags from :func:`margin_tags`:
+    ``powerlaw_beta`` ± ``powerlaw_beta_stderr``, ``trace`` ± ``trace_stderr``; the Jacobian median has its 10-90 %
+    deciles), any other the degenerate band ``[key, key, key]`` (whose triplicated values also keep the extremes of a
+    series of up to 13 points inside the 5-95 % quantiles that "ignore outliers" scales to).
 
-    Chart entries of ``Multiline`` charts are anchored regular expressions of the exact keys; ``Margin`` charts name
-    exact tags. ``extra_keys`` (e.g. per-layer keys) get one chart each in their own category; ``jacobian_prefix`` /
+    ``Margin`` charts name exact tags (the one ``Multiline`` fallback, all effective widths when ``keys`` is ``None``,
+    is an anchored regular expression). ``extra_keys`` (e.g. per-layer keys) get one chart each in their own category;
+    ``jacobian_prefix`` /
     ``embedding_prefix`` add the Jacobian-law and condensation categories. ``keys`` (every key the configuration logs,
     e.g. ``HessianSpectrum.logged_keys(pl_module)``) drops the charts of keys that are never logged and gives each
     effective width its own chart; ``None`` keeps every chart.
@@ -308,7 +312,9 @@ def custom_scalar_layout(
         return logged is None or key in logged
 
     def line(key: str) -> list[Any]:
-        return ["Multiline", [f"^{re.escape(key)}$"]]
+        # a Margin chart whose band is the value itself: TensorBoard draws margin charts unsmoothed, and the
+        # triplicated values keep a short series' extremes inside "ignore outliers" scaling (5-95 % quantiles)
+        return ["Margin", [key, key, key]]
 
     def margin(key: str, lower: str | None = None, upper: str | None = None) -> list[Any]:
         value, low, high = margin_tags(key)
