@@ -502,12 +502,13 @@ def rank_plot(
     relation = "<" if accepted else "≥"
     axes.set_title(
         f"{title}{verdict} (KS test, top {k})\nd_ks = {ks_distance:.4f} {relation} d_c = {ks_critical:.4f}",
-        fontsize=9,
+        fontsize=12,
     )
-    axes.set_xlabel("rank k")
-    axes.set_ylabel("eigenvalue λ_k")
+    axes.set_xlabel("rank k", fontsize=11)
+    axes.set_ylabel("eigenvalue λ_k", fontsize=11)
+    axes.tick_params(labelsize=10)
     axes.grid(True, which="major", alpha=0.3)
-    axes.legend(fontsize=7, loc="lower left")
+    axes.legend(fontsize=10, loc="lower left")
     figure.tight_layout()
     return figure
 
