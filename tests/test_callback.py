@@ -447,11 +447,20 @@ def test_tensorboard_dashboard(tmp_path):
     )
     ea.Reload()
     tags = ea.Tags()
-    eig_hist = ea.Histograms("hessian/eigenvalues")
+    top_k_hist = ea.Histograms("hessian/eigenvalues/top_k")  # full probes only, K values each
+    assert [e.step for e in top_k_hist] == [3, 11] and {e.histogram_value.num for e in top_k_hist} == {10}
+    eig_hist = ea.Histograms("hessian/eigenvalues/tracked")  # every probe, num_tracked values each
     assert [e.step for e in eig_hist] == [3, 7, 11]  # aligned with the scalars
-    assert eig_hist[0].histogram_value.num == 10  # top_k eigenvalues on a full probe
-    assert eig_hist[1].histogram_value.num == cb.num_tracked  # cheap probe
+    assert {e.histogram_value.num for e in eig_hist} == {cb.num_tracked}
     assert eig_hist[-1].histogram_value.max == pytest.approx(cb.history[-1]["metrics"]["hessian/lambda_max"], rel=1e-5)
+    ratio = scalars[scalars.tag == "hessian/ks_ratio"].value.to_numpy()
+    assert ratio == pytest.approx(ks.value.to_numpy() / scalars[scalars.tag == "hessian/ks_critical"].value.to_numpy())
+    beta, se = (scalars[scalars.tag == f"hessian/powerlaw_beta{x}"].value.to_numpy() for x in ("", "_stderr"))
+    assert scalars[scalars.tag == "hessian/powerlaw_beta/upper"].value.to_numpy() == pytest.approx(beta + se, rel=1e-6)
+    trace, trace_se = (scalars[scalars.tag == f"hessian/trace{x}"].value.to_numpy() for x in ("", "_stderr"))
+    assert scalars[scalars.tag == "hessian/trace/lower"].value.to_numpy() == pytest.approx(
+        trace - trace_se, rel=1e-6, abs=1e-6
+    )
     density = ea.Histograms("hessian/density")
     n = sum(p.numel() for p in model.parameters())
     assert [e.step for e in density] == [3, 11]
@@ -465,9 +474,12 @@ def test_tensorboard_dashboard(tmp_path):
     assert len(configs) == 1
     layout = layout_pb2.Layout()
     layout.ParseFromString(configs[0].tensor_proto.string_val[0])
-    charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
-    assert charts["sharpness λ_max"] == ["^hessian/lambda_max$"]
-    assert charts["KS distance vs critical value"] == ["^hessian/ks_distance$", "^hessian/ks_critical$"]
+    charts = {chart.title: chart for c in layout.category for chart in c.chart}
+    (band,) = charts["density exponent β̂ ± stderr"].margin.series
+    assert (band.value, band.lower, band.upper) == tuple(f"hessian/powerlaw_beta{x}" for x in ("", "/lower", "/upper"))
+    (ratio_chart,) = charts["KS ratio d_ks / d_c (below 1: power law)"].margin.series
+    assert (ratio_chart.value, ratio_chart.lower, ratio_chart.upper) == ("hessian/ks_ratio",) * 3
+    assert all(not chart.multiline.tag and len(chart.margin.series) == 1 for chart in charts.values())
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -542,7 +554,7 @@ def test_time_budget_fails_the_probe_and_progress_is_two_lines(tmp_path, caplog)
         trainer(tmp_path, [cb]).fit(Net(), DataLoader(data, batch_size=8))
     assert math.isnan(cb.history[0]["metrics"]["hessian/lambda_max"])
 
-    cb = HessianSpectrum(top_k=5, probe_samples=24, **QUIET)
+    cb = HessianSpectrum(top_k=5, probe_samples=24, verbose=True, **QUIET)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, [cb], max_epochs=2).fit(Net(), DataLoader(data, batch_size=8))

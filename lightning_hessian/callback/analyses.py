@@ -81,18 +81,29 @@ class AnalysisResult:
 class ProbeBudget:
     """HVP counter and budget of one probe.
 
-    Enforces ``max_hvps``/``max_seconds`` identically on all ranks and prints a progress line every 10 s of a long
-    probe (never per HVP).
+    Enforces ``max_hvps``/``max_seconds`` identically on all ranks and, with ``heartbeat``, prints a progress line
+    every 10 s of a long probe (never per HVP).
     """
 
-    def __init__(self, device: torch.device, max_hvps: int | None, max_seconds: float | None, label: str) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        max_hvps: int | None,
+        max_seconds: float | None,
+        label: str,
+        *,
+        heartbeat: bool = True,
+        on_hvp: Callable[[int], None] | None = None,
+    ) -> None:
         self.device = device
         self.max_hvps = max_hvps
         self.max_seconds = max_seconds
         self.label = label
         self.start = time.perf_counter()
         self.hvps = 0
-        self._next_report = self.start + 10.0
+        #: ``on_hvp(hvps)`` after every product (e.g. the progress bar; it throttles itself).
+        self.on_hvp = on_hvp
+        self._next_report = self.start + 10.0 if heartbeat else math.inf
 
     def remaining(self) -> int | None:
         """HVPs left (``None``: unlimited)."""
@@ -112,6 +123,8 @@ class ProbeBudget:
                 raise ProbeFailure(f"the time budget max_seconds={self.max_seconds} is spent after {self.hvps} HVPs")
             out = operator.matvec(vector)
             self.hvps += 1
+            if self.on_hvp is not None:
+                self.on_hvp(self.hvps)
             now = time.perf_counter()
             if now >= self._next_report:
                 self._next_report = now + 10.0
@@ -193,10 +206,12 @@ class PowerLawAnalysis:
     name: str = "power-law test"
     full_only: bool = True
     rank_local: bool = False
+    #: Spectrum drawn faintly behind the rank plot (e.g. the probe at initialisation), or ``None``.
+    reference: Tensor | None = None
 
     def keys(self, prefix: str, pl_module: Any) -> list[str]:
         """Scalar keys this analysis logs (NaN-filled when it fails)."""
-        names = (rp.POWERLAW_BETA, rp.POWERLAW_S, rp.POWERLAW_BETA_STDERR, rp.KS_DISTANCE, rp.KS_CRITICAL)
+        names = (rp.POWERLAW_BETA, rp.POWERLAW_S, rp.POWERLAW_BETA_STDERR, rp.KS_DISTANCE, rp.KS_CRITICAL, rp.KS_RATIO)
         return [rp.metric_key(prefix, n) for n in (*names, rp.IS_POWER_LAW)]
 
     def __call__(self, ctx: ProbeContext) -> AnalysisResult:
@@ -211,6 +226,7 @@ class PowerLawAnalysis:
             ctx.key(rp.POWERLAW_BETA_STDERR): fit.beta_stderr,
             ctx.key(rp.KS_DISTANCE): fit.ks_distance,
             ctx.key(rp.KS_CRITICAL): fit.ks_critical,
+            ctx.key(rp.KS_RATIO): fit.ks_distance / fit.ks_critical,
             ctx.key(rp.IS_POWER_LAW): float(fit.is_power_law),
         }
         epoch = getattr(ctx.trainer, "current_epoch", 0)
@@ -223,6 +239,8 @@ class PowerLawAnalysis:
                 ks_distance=fit.ks_distance,
                 ks_critical=fit.ks_critical,
                 title=f"epoch {epoch}: ",
+                beta=fit.beta,
+                reference=self.reference,
             )
 
         verdict = "**power law**" if fit.is_power_law else "**not** a power law"
@@ -249,7 +267,7 @@ class TraceAnalysis:
 
     def keys(self, prefix: str, pl_module: Any) -> list[str]:
         """Scalar keys this analysis logs (NaN-filled when it fails)."""
-        return [rp.metric_key(prefix, rp.TRACE)]
+        return [rp.metric_key(prefix, rp.TRACE), rp.metric_key(prefix, rp.TRACE_STDERR)]
 
     def __call__(self, ctx: ProbeContext) -> AnalysisResult:
         """Run on one probe."""
@@ -263,7 +281,7 @@ class TraceAnalysis:
         )
         if not math.isfinite(estimate.value):
             raise ProbeFailure("non-finite trace estimate")
-        return AnalysisResult({ctx.key(rp.TRACE): estimate.value})
+        return AnalysisResult({ctx.key(rp.TRACE): estimate.value, ctx.key(rp.TRACE_STDERR): estimate.stderr})
 
 
 @dataclass

@@ -101,6 +101,7 @@ class ProbeConfig:
     near_zero_threshold: float = 1e-3
     condensation_tol: float = 1e-3
     cache_graph: bool = True
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         for name in ("top_k", "every_n_epochs", "probe_samples", "num_tracked", "trace_samples", "density_probes"):

@@ -27,14 +27,21 @@ __all__ = [
     "FigureItem",
     "Histogram",
     "MetricInfo",
+    "MARGINS",
+    "MATPLOTLIB_MISSING",
     "RawHistogram",
+    "Scalar",
     "Text",
     "TensorBoardItem",
     "custom_scalar_layout",
     "density_raw_histogram",
     "find_tensorboard_writer",
+    "fitted_rank_law",
     "jacobian_overlay",
     "log_scalars",
+    "margin_items",
+    "margin_tags",
+    "matplotlib_available",
     "metric_key",
     "metrics_table",
     "rank_plot",
@@ -74,6 +81,13 @@ SUBSPACE_OVERLAP = "subspace_overlap"
 HVPS = "hvps"
 PROBE_SECONDS = "probe_seconds"
 NEAR_ZERO_FRACTION = "near_zero_fraction"
+KS_RATIO = "ks_ratio"
+TRACE_STDERR = "trace_stderr"
+#: Histogram tags (suffixes): the full probe's top-K eigenvalues and the tracked top ``num_tracked`` of every probe.
+EIGENVALUES_TOP_K = "eigenvalues/top_k"
+EIGENVALUES_TRACKED = "eigenvalues/tracked"
+#: TensorBoard-only band tags of a margin chart: ``f"{key}/lower"`` and ``f"{key}/upper"`` (value ± its stderr).
+MARGINS: dict[str, str] = {}  # filled below: value name -> stderr name
 
 #: Every scalar the core callback logs, in dashboard order.
 METRICS: dict[str, MetricInfo] = {
@@ -87,8 +101,10 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo(POWERLAW_BETA_STDERR, "standard error (β̂ − 1)/√K of β̂", "-", "full"),
         MetricInfo(KS_DISTANCE, "KS distance d_ks of the top-K eigenvalues to the fitted power law", "lower", "full"),
         MetricInfo(KS_CRITICAL, "critical value d_c = c(ks_level)/√K (1.36/√K at 0.05)", "-", "full"),
+        MetricInfo(KS_RATIO, "d_ks / d_c: below 1 the power law is accepted", "lower", "full"),
         MetricInfo(IS_POWER_LAW, "1.0 if d_ks < d_c (power law not rejected), else 0.0", "higher", "full"),
         MetricInfo(TRACE, "Hutchinson estimate of tr(H)", "lower", "probe"),
+        MetricInfo(TRACE_STDERR, "standard error of the Hutchinson estimate (sample std / √samples)", "-", "probe"),
         MetricInfo(
             SUBSPACE_OVERLAP,
             "‖V_prevᵀ V_cur‖²_F / k of the top-k eigenspaces of consecutive probes (1 = same; 0 on the first)",
@@ -105,6 +121,7 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo(PROBE_SECONDS, "wall-clock seconds of this probe", "-", "probe"),
     )
 }
+MARGINS.update({POWERLAW_BETA: POWERLAW_BETA_STDERR, TRACE: TRACE_STDERR})
 
 
 def metric_key(prefix: str, name: str) -> str:
@@ -192,7 +209,15 @@ class Text:
     text: str
 
 
-TensorBoardItem = Histogram | RawHistogram | FigureItem | Text
+@dataclass
+class Scalar:
+    """A TensorBoard-only scalar (``SummaryWriter.add_scalar``), e.g. the band of a margin chart."""
+
+    tag: str
+    value: float
+
+
+TensorBoardItem = Histogram | RawHistogram | FigureItem | Text | Scalar
 
 
 def write_items(writer: Any, items: Iterable[TensorBoardItem], step: int) -> list[str]:
@@ -225,10 +250,34 @@ def write_items(writer: Any, items: Iterable[TensorBoardItem], step: int) -> lis
             writer.add_figure(item.tag, figure, global_step=step, close=False)
         elif isinstance(item, Text):
             writer.add_text(item.tag, item.text, global_step=step)
+        elif isinstance(item, Scalar):
+            writer.add_scalar(item.tag, item.value, global_step=step)
         else:
             raise TypeError(f"Unknown TensorBoard item {item!r}.")
         written.append(item.tag)
     return written
+
+
+def margin_tags(key: str) -> tuple[str, str, str]:
+    """``(value, lower, upper)`` tags of the margin chart of a logged ``key`` (bands are TensorBoard-only tags)."""
+    return key, f"{key}/lower", f"{key}/upper"
+
+
+def margin_items(prefix: str, scalars: Mapping[str, float]) -> list[Scalar]:
+    r"""TensorBoard band scalars :math:`v \pm \mathrm{se}` for every :data:`MARGINS` pair present in ``scalars``.
+
+    Written to TensorBoard only (not through ``pl_module.log``), so monitors and other loggers see no extra keys; a
+    non-finite value or stderr writes no band.
+    """
+    items: list[Scalar] = []
+    for name, stderr_name in MARGINS.items():
+        value = scalars.get(metric_key(prefix, name))
+        stderr = scalars.get(metric_key(prefix, stderr_name))
+        if value is None or stderr is None or not (math.isfinite(value) and math.isfinite(stderr)):
+            continue
+        _, lower, upper = margin_tags(metric_key(prefix, name))
+        items += [Scalar(lower, value - stderr), Scalar(upper, value + stderr)]
+    return items
 
 
 def custom_scalar_layout(
@@ -237,46 +286,101 @@ def custom_scalar_layout(
     *,
     jacobian_prefix: str | None = None,
     embedding_prefix: str | None = None,
+    keys: Iterable[str] | None = None,
 ) -> dict[str, dict[str, list[Any]]]:
     """Custom-scalar layout (``SummaryWriter.add_custom_scalars``) of the metrics under ``prefix``.
 
-    Chart entries are anchored regular expressions of the exact keys. ``extra_keys`` (e.g. per-layer keys) get one
-    chart each in a second category; ``jacobian_prefix`` / ``embedding_prefix`` add the Jacobian-law and condensation
-    charts.
+    Built to read with TensorBoard's defaults (smoothing 0.6, "ignore outliers in chart scaling" on, checked in
+    headless Chromium with ``tools/dashboard_screenshots.py``): TensorBoard colours a chart's lines by run, not by
+    tag, so every chart holds one quantity (HVPs and seconds apart, ``d_ks`` and ``d_c`` apart, the verdict on one
+    scale as ``ks_ratio = d_ks / d_c``, accepted below 1). Every chart is a ``Margin`` chart, which TensorBoard draws
+    without smoothing: a quantity with an uncertainty has the band value ± stderr (tags from :func:`margin_tags`:
+    ``powerlaw_beta`` ± ``powerlaw_beta_stderr``, ``trace`` ± ``trace_stderr``; the Jacobian median has its 10-90 %
+    deciles), any other the degenerate band ``[key, key, key]`` (whose triplicated values also keep the extremes of a
+    series of up to 13 points inside the 5-95 % quantiles that "ignore outliers" scales to).
+
+    ``Margin`` charts name exact tags (the one ``Multiline`` fallback, all effective widths when ``keys`` is ``None``,
+    is an anchored regular expression). ``extra_keys`` (e.g. per-layer keys) get one chart each in their own category;
+    ``jacobian_prefix`` /
+    ``embedding_prefix`` add the Jacobian-law and condensation categories. ``keys`` (every key the configuration logs,
+    e.g. ``HessianSpectrum.logged_keys(pl_module)``) drops the charts of keys that are never logged and gives each
+    effective width its own chart; ``None`` keeps every chart.
     """
+    logged = None if keys is None else set(keys)
 
-    def tags(*names: str) -> list[Any]:
-        return ["Multiline", [f"^{re.escape(metric_key(prefix, n))}$" for n in names]]
+    def wanted(key: str) -> bool:
+        return logged is None or key in logged
 
+    def line(key: str) -> list[Any]:
+        # a Margin chart whose band is the value itself: TensorBoard draws margin charts unsmoothed, and the
+        # triplicated values keep a short series' extremes inside "ignore outliers" scaling (5-95 % quantiles)
+        return ["Margin", [key, key, key]]
+
+    def margin(key: str, lower: str | None = None, upper: str | None = None) -> list[Any]:
+        value, low, high = margin_tags(key)
+        return ["Margin", [value, lower or low, upper or high]]
+
+    def category(charts: dict[str, tuple[str, list[Any]]]) -> dict[str, list[Any]]:
+        return {title: spec for title, (key, spec) in charts.items() if wanted(key)}
+
+    k = lambda name: metric_key(prefix, name)  # noqa: E731
     layout: dict[str, dict[str, list[Any]]] = {
-        f"Hessian spectrum ({prefix})": {
-            "sharpness λ_max": tags(LAMBDA_MAX),
-            "trace": tags(TRACE),
-            "spectral gap": tags(SPECTRAL_GAP, SPECTRAL_GAP_RATIO),
-            "power-law exponents β̂, ŝ": tags(POWERLAW_BETA, POWERLAW_S),
-            "KS distance vs critical value": tags(KS_DISTANCE, KS_CRITICAL),
-            "power law accepted": tags(IS_POWER_LAW),
-            "top-k subspace overlap": tags(SUBSPACE_OVERLAP),
-            "near-zero fraction (rank deficiency)": tags(NEAR_ZERO_FRACTION),
-            "cost (HVPs, seconds)": tags(HVPS, PROBE_SECONDS),
-        }
+        f"Hessian spectrum ({prefix})": category(
+            {
+                "sharpness λ_max": (k(LAMBDA_MAX), line(k(LAMBDA_MAX))),
+                "trace tr(H) ± stderr (Hutchinson)": (k(TRACE), margin(k(TRACE))),
+                "spectral gap λ₁ − λ₂": (k(SPECTRAL_GAP), line(k(SPECTRAL_GAP))),
+                "gap ratio λ₁ / λ₂": (k(SPECTRAL_GAP_RATIO), line(k(SPECTRAL_GAP_RATIO))),
+                "top-k subspace overlap (1 = same eigenspace)": (k(SUBSPACE_OVERLAP), line(k(SUBSPACE_OVERLAP))),
+                "near-zero fraction (rank deficiency)": (k(NEAR_ZERO_FRACTION), line(k(NEAR_ZERO_FRACTION))),
+            }
+        ),
+        f"Power law ({prefix}, full probes)": category(
+            {
+                "KS ratio d_ks / d_c (below 1: power law)": (k(KS_RATIO), line(k(KS_RATIO))),
+                "power law accepted (1 = yes)": (k(IS_POWER_LAW), line(k(IS_POWER_LAW))),
+                "density exponent β̂ ± stderr": (k(POWERLAW_BETA), margin(k(POWERLAW_BETA))),
+                "rank exponent ŝ (λ_k ∝ k^−ŝ)": (k(POWERLAW_S), line(k(POWERLAW_S))),
+                "KS distance d_ks": (k(KS_DISTANCE), line(k(KS_DISTANCE))),
+                "KS critical value d_c": (k(KS_CRITICAL), line(k(KS_CRITICAL))),
+            }
+        ),
+        f"Probe cost ({prefix})": category(
+            {
+                "HVPs per probe": (k(HVPS), line(k(HVPS))),
+                "seconds per probe": (k(PROBE_SECONDS), line(k(PROBE_SECONDS))),
+            }
+        ),
     }
     if extra_keys:
-        layout[f"Hessian per layer ({prefix})"] = {k: ["Multiline", [f"^{re.escape(k)}$"]] for k in extra_keys}
+        layout[f"Hessian per layer ({prefix})"] = {key: line(key) for key in extra_keys}
     if jacobian_prefix is not None:
-        jac = re.escape(jacobian_prefix)
-        layout[f"Jacobian law ({jacobian_prefix})"] = {
-            "FPT deciles (non-zero part)": ["Multiline", [rf"^{jac}/fpt_q\d+$"]],
-            "atom at zero, mean": ["Multiline", [f"^{jac}/atom_at_zero$", f"^{jac}/mean$"]],
-            "distance measured vs predicted": ["Multiline", [f"^{jac}/law_distance$"]],
-        }
+        j = lambda name: metric_key(jacobian_prefix, name)  # noqa: E731
+        layout[f"Jacobian law ({jacobian_prefix})"] = category(
+            {
+                "FPT median, band q10-q90 (non-zero part)": (
+                    j("fpt_q50"),
+                    margin(j("fpt_q50"), j("fpt_q10"), j("fpt_q90")),
+                ),
+                "atom at zero": (j("atom_at_zero"), line(j("atom_at_zero"))),
+                "mean eigenvalue m₁": (j("mean"), line(j("mean"))),
+                "KS distance measured vs predicted": (j("law_distance"), line(j("law_distance"))),
+            }
+        )
     if embedding_prefix is not None:
-        emb = re.escape(embedding_prefix)
-        layout[f"Neuron condensation ({embedding_prefix})"] = {
-            "effective width per layer": ["Multiline", [f"^{emb}/effective_width/.+$"]],
-            "merge output error": ["Multiline", [f"^{emb}/merge_output_error$"]],
+        e = lambda name: metric_key(embedding_prefix, name)  # noqa: E731
+        widths = sorted(key for key in logged or () if key.startswith(e("effective_width/")))
+        charts: dict[str, tuple[str, list[Any]]] = {
+            f"effective width {key[len(e('effective_width/')) :]}": (key, line(key)) for key in widths
         }
-    return layout
+        if logged is None:
+            charts["effective width per layer"] = (
+                e("effective_width"),
+                ["Multiline", [f"^{re.escape(e('effective_width/'))}.+$"]],
+            )
+        charts["merge output error"] = (e("merge_output_error"), line(e("merge_output_error")))
+        layout[f"Neuron condensation ({embedding_prefix})"] = category(charts)
+    return {title: charts for title, charts in layout.items() if charts}
 
 
 def slq_raw_histogram(
@@ -321,6 +425,27 @@ def slq_raw_histogram(
     )
 
 
+def fitted_rank_law(eigenvalues: Tensor, s: float) -> Tensor:
+    r"""The rank law :math:`\hat\lambda_k = C k^{-\hat s}` through the geometric centre of the tested eigenvalues.
+
+    The MLE fixes the slope :math:`\hat s = 1/(\hat\beta - 1)` (Xie et al. 2022); the level is the least-squares one
+    in log-log coordinates, :math:`\log C = \frac1K\sum_{k\le K} (\log\lambda_k + \hat s\log k)`, so the line
+    passes through :math:`(\bar{\log k}, \bar{\log\lambda})` of the data instead of starting above
+    :math:`\lambda_1`.
+
+    Args:
+        eigenvalues: the ``K`` tested eigenvalues, descending and positive.
+        s: the rank exponent.
+
+    Returns:
+        :math:`\hat\lambda_k` for :math:`k = 1..K` (float64).
+    """
+    eig = eigenvalues.detach().to("cpu", torch.float64)
+    log_k = torch.log(torch.arange(1, eig.numel() + 1, dtype=torch.float64))
+    log_c = (torch.log(eig) + s * log_k).mean()
+    return torch.exp(log_c - s * log_k)
+
+
 def rank_plot(
     eigenvalues: Tensor,
     *,
@@ -329,11 +454,17 @@ def rank_plot(
     ks_distance: float,
     ks_critical: float,
     title: str = "",
+    beta: float | None = None,
+    reference: Tensor | None = None,
+    reference_label: str = "at initialisation",
 ) -> Any:
-    r"""Rank plot :math:`\log\lambda_k` vs :math:`\log k` with the fitted line and the KS verdict.
+    r"""Rank plot :math:`\log\lambda_k` vs :math:`\log k` of the tested eigenvalues, the fitted law and the verdict.
 
-    The fitted line is the MLE law anchored at the cutoff, :math:`\lambda_k = \lambda_K (k/K)^{-\hat s}`.
-    Built with :class:`matplotlib.figure.Figure` (no pyplot, no global backend change).
+    Draws the ``cutoff_rank = K`` tested eigenvalues (the top ``K`` positive ones), the fitted rank law
+    :math:`\lambda_k \propto k^{-\hat s}` over the tested range :math:`1 \le k \le K` only, anchored at the data's
+    geometric centre (:func:`fitted_rank_law`), and the KS verdict with :math:`d_{ks}` and :math:`d_c` in the title
+    (Xie et al. 2022: power law when :math:`d_{ks} < d_c`). ``reference`` (e.g. the spectrum at initialisation) is
+    drawn faintly behind. Built with :class:`matplotlib.figure.Figure` (no pyplot, no global backend change).
 
     Raises:
         ImportError: when matplotlib is not installed (callers skip the figure).
@@ -342,21 +473,60 @@ def rank_plot(
 
     eig = eigenvalues.detach().to("cpu", torch.float64)
     eig = eig[eig > 0]
-    ranks = torch.arange(1, eig.numel() + 1, dtype=torch.float64)
-    figure = Figure(figsize=(4.5, 3.4), dpi=100)
+    k = min(int(cutoff_rank), eig.numel()) if cutoff_rank >= 1 else eig.numel()
+    tested = eig[:k]
+    ranks = torch.arange(1, k + 1, dtype=torch.float64)
+    figure = Figure(figsize=(5.6, 4.2), dpi=100)
     axes = figure.add_subplot(1, 1, 1)
-    axes.loglog(ranks.numpy(), eig.numpy(), ".", markersize=3, label="λ_k")
-    if eig.numel() >= 2 and math.isfinite(s) and 1 <= cutoff_rank <= eig.numel():
-        anchor = float(eig[cutoff_rank - 1])
-        line = anchor * (ranks / cutoff_rank) ** (-s)
-        axes.loglog(ranks.numpy(), line.numpy(), "-", linewidth=1, label=f"fit ŝ = {s:.3f}")
-    verdict = "power law" if ks_distance < ks_critical else "not power law"
-    axes.set_title(f"{title}{verdict}: d_ks={ks_distance:.4f}, d_c={ks_critical:.4f}", fontsize=8)
-    axes.set_xlabel("rank k")
-    axes.set_ylabel("eigenvalue λ_k")
-    axes.legend(fontsize=7)
+    if reference is not None:
+        ref = reference.detach().to("cpu", torch.float64)
+        ref = ref[ref > 0][: max(k, 1)]
+        if ref.numel():
+            ref_ranks = torch.arange(1, ref.numel() + 1, dtype=torch.float64)
+            axes.loglog(
+                ref_ranks.numpy(), ref.numpy(), ".", color="0.6", alpha=0.35, markersize=3, label=reference_label
+            )
+    axes.loglog(ranks.numpy(), tested.numpy(), ".", color="C0", markersize=3.5, label=f"λ_k, tested top K = {k}")
+    if k >= 2 and math.isfinite(s):
+        exponent = f"ŝ = {s:.3f}" + (f", β̂ = {beta:.3f}" if beta is not None and math.isfinite(beta) else "")
+        axes.loglog(
+            ranks.numpy(),
+            fitted_rank_law(tested, s).numpy(),
+            "-",
+            color="C3",
+            linewidth=1.5,
+            label=f"MLE fit: {exponent}",
+        )
+    accepted = ks_distance < ks_critical
+    verdict = "power law" if accepted else "not a power law"
+    relation = "<" if accepted else "≥"
+    axes.set_title(
+        f"{title}{verdict} (KS test, top {k})\nd_ks = {ks_distance:.4f} {relation} d_c = {ks_critical:.4f}",
+        fontsize=12,
+    )
+    axes.set_xlabel("rank k", fontsize=11)
+    axes.set_ylabel("eigenvalue λ_k", fontsize=11)
+    axes.tick_params(labelsize=10)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize=10, loc="lower left")
     figure.tight_layout()
     return figure
+
+
+def matplotlib_available() -> bool:
+    """Whether matplotlib imports (the ``plots`` extra); figures are skipped without it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: The warning given once at fit start when TensorBoard figures are due and matplotlib is missing.
+MATPLOTLIB_MISSING = (
+    "HessianSpectrum: matplotlib is not installed, so the TensorBoard figures (rank plot, Jacobian-law overlay) are "
+    'not written; scalars and histograms are. Install the plots extra: pip install "lightning-hessian[plots]".'
+)
 
 
 def density_raw_histogram(tag: str, grid: Any, density: Any) -> RawHistogram | None:

@@ -35,6 +35,7 @@ from lightning_hessian.callback.analyses import (
 from lightning_hessian.callback.config import MAX_TOP_K_FRACTION, ProbeConfig
 from lightning_hessian.callback.loss import default_loss
 from lightning_hessian.callback.probe import ProbeSet
+from lightning_hessian.callback.progress import ProbeProgress
 from lightning_hessian.lanczos import EigenResult, lanczos
 from lightning_hessian.operators import HessianOperator, batch_size, evaluation_mode
 from lightning_hessian.powerlaw import spectral_gap
@@ -42,6 +43,8 @@ from lightning_hessian.powerlaw import spectral_gap
 __all__ = ["ProbeRunner", "sibling_prefix"]
 
 _CORE = (rp.LAMBDA_MAX, rp.SPECTRAL_GAP, rp.SPECTRAL_GAP_RATIO, rp.SUBSPACE_OVERLAP)
+#: Probes slower than this many seconds get one INFO line even with ``verbose=False``.
+SLOW_PROBE_SECONDS = 5.0
 
 
 def sibling_prefix(prefix: str, family: str) -> str:
@@ -93,7 +96,7 @@ class ProbeRunner:
         c = self.config
         built: list[Analysis] = []
         if c.powerlaw_every_n_epochs is not None:
-            built.append(PowerLawAnalysis(c.ks_level, c.top_k))
+            built.append(PowerLawAnalysis(c.ks_level, c.top_k, reference=getattr(self, "init_eigenvalues", None)))
         if c.trace:
             built.append(TraceAnalysis(c.trace_samples))
         if c.density or c.near_zero:
@@ -120,15 +123,37 @@ class ProbeRunner:
 
     # ------------------------------------------------------------------ probe
     def run(self, trainer: Any, pl_module: Any, full: bool) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
-        """One probe: ``(scalars to log, TensorBoard items)``; failures become warnings and NaN (or raise)."""
+        """One probe: ``(scalars to log, TensorBoard items)``; failures become warnings and NaN (or raise).
+
+        While it runs, the trainer's progress bar shows its HVP count (:class:`ProbeProgress`); an INFO line reports
+        each probe with ``verbose=True``, else only probes slower than :data:`SLOW_PROBE_SECONDS`.
+        """
+        kind = "full" if full else "cheap"
         label = f"HessianSpectrum[{self.config.prefix}] epoch {trainer.current_epoch}"
+        if self.config.verbose:
+            rank_zero_info(f"{label}: {kind} probe started")
+        progress = ProbeProgress(trainer, f"{self.config.prefix} {kind} probe")
         start = time.perf_counter()
-        rank_zero_info(f"{label}: {'full' if full else 'cheap'} probe started")
+        try:
+            scalars, items = self._run(trainer, pl_module, full, label, progress)
+        finally:
+            progress.close()
+        seconds = scalars.get(self.key(rp.PROBE_SECONDS), time.perf_counter() - start)
+        hvps = int(scalars.get(self.key(rp.HVPS), 0))
+        if self.config.verbose or seconds > SLOW_PROBE_SECONDS:
+            hint = "" if self.config.verbose else " (verbose=True reports every probe)"
+            rank_zero_info(f"{label}: {kind} probe done, {hvps} HVPs in {seconds:.2f} s{hint}")
+        return scalars, items
+
+    def _run(
+        self, trainer: Any, pl_module: Any, full: bool, label: str, progress: ProbeProgress
+    ) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
+        start = time.perf_counter()
         scalars: dict[str, float] = {}
         items: list[rp.TensorBoardItem] = []
         analyses = self.built_analyses(full)
 
-        ctx, error = self._prepare(trainer, pl_module, full, label)
+        ctx, error = self._prepare(trainer, pl_module, full, label, on_hvp=progress.update)
         if ctx is None:
             groups = [self.core_keys(), *(a.keys(self.config.prefix, pl_module) for a in analyses)]
             self._fail(f"the probe could not start: {error}", groups, scalars)
@@ -144,7 +169,9 @@ class ProbeRunner:
             scalars[self.key(rp.SPECTRAL_GAP)] = gap
             scalars[self.key(rp.SPECTRAL_GAP_RATIO)] = ratio
             scalars[self.key(rp.SUBSPACE_OVERLAP)] = self._update_vectors(ctx.top.eigenvectors)
-            items.append(rp.Histogram(self.key("eigenvalues"), eig))
+            if full:
+                items.append(rp.Histogram(self.key(rp.EIGENVALUES_TOP_K), eig))
+            items.append(rp.Histogram(self.key(rp.EIGENVALUES_TRACKED), eig[: self.config.num_tracked]))
             failed = False
         except Exception as exc:  # noqa: BLE001 - any failure becomes a warning + NaN (or strict error)
             failed, error = True, exc
@@ -171,10 +198,12 @@ class ProbeRunner:
         seconds = time.perf_counter() - start
         scalars[self.key(rp.HVPS)] = float(ctx.budget.hvps)
         scalars[self.key(rp.PROBE_SECONDS)] = seconds
-        rank_zero_info(f"{label}: done, {ctx.budget.hvps} HVPs in {seconds:.2f} s")
+        items.extend(rp.margin_items(self.config.prefix, scalars))
         return scalars, items
 
-    def _prepare(self, trainer: Any, pl_module: Any, full: bool, label: str) -> tuple[ProbeContext | None, Any]:
+    def _prepare(
+        self, trainer: Any, pl_module: Any, full: bool, label: str, on_hvp: Any = None
+    ) -> tuple[ProbeContext | None, Any]:
         """Probe set, operator and a finite-loss check; the go/no-go decision is taken jointly by all ranks."""
         c = self.config
         error: Any = None
@@ -205,7 +234,7 @@ class ProbeRunner:
             return None, f"the probe loss is not finite ({loss})"
         dtype = self.torch_dtype(pl_module)
         operator = HessianOperator(pl_module, loss_fn, batches, dtype=dtype, cache_graph=c.cache_graph)
-        budget = ProbeBudget(operator.device, c.max_hvps, c.max_seconds, label)
+        budget = ProbeBudget(operator.device, c.max_hvps, c.max_seconds, label, heartbeat=c.verbose, on_hvp=on_hvp)
         ctx = ProbeContext(
             trainer=trainer,
             pl_module=pl_module,

@@ -144,6 +144,9 @@ class HessianSpectrum(Callback):
         cache_graph: keep the probe batches' gradient graphs during a probe, so each HVP is one backward pass (about
             1.4-1.9 gradient evaluations instead of 2.5-2.8) at the memory cost of all probe batches' graphs at once;
             set False for large models.
+        verbose: an INFO line when each probe starts and ends, and every 10 s of a long probe; ``False`` (default)
+            reports only probes slower than 5 s, in one line. Either way the progress bar (TQDM or Rich) shows a
+            running probe's HVP count on a second line.
 
     Raises:
         HessianConfigError: (a ``MisconfigurationException`` and ``ValueError``) for an invalid argument, naming the
@@ -189,6 +192,7 @@ class HessianSpectrum(Callback):
         near_zero_threshold: float = 1e-3,
         condensation_tol: float = 1e-3,
         cache_graph: bool = True,
+        verbose: bool = False,
     ) -> None:
         args = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
         #: The validated arguments (also readable as attributes of the callback, e.g. ``callback.top_k``).
@@ -265,9 +269,13 @@ class HessianSpectrum(Callback):
                     extra if self.per_layer else [],
                     jacobian_prefix=runner.jacobian.prefix if runner.jacobian is not None else None,
                     embedding_prefix=runner.condensation.prefix if runner.condensation is not None else None,
+                    keys=self.logged_keys(pl_module),
                 )
                 writer.add_custom_scalars(layout)
                 self._layout_written = True
+        figures = self.powerlaw_every_n_epochs is not None or self.jacobian
+        if self.tensorboard and figures and not rp.matplotlib_available() and rp.find_tensorboard_writer(trainer):
+            rank_zero_warn(rp.MATPLOTLIB_MISSING)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
