@@ -65,6 +65,7 @@ from lightning_hessian.callback.monitors import check_monitors
 from lightning_hessian.callback.probe import isolated_rng
 from lightning_hessian.callback.runner import ProbeRunner
 from lightning_hessian.callback.schedule import ProbeSchedule
+from lightning_hessian.callback.setup_checks import check_picklable
 
 __all__ = ["HessianSpectrum"]
 
@@ -144,6 +145,12 @@ class HessianSpectrum(Callback):
         cache_graph: keep the probe batches' gradient graphs during a probe, so each HVP is one backward pass (about
             1.4-1.9 gradient evaluations instead of 2.5-2.8) at the memory cost of all probe batches' graphs at once;
             set False for large models.
+        probe_at_init: run a full probe at fit start (``on_train_start``), before any optimizer step, logged at step
+            0: the random-init control of Xie et al. (2022) and the network the free-probability law describes. It
+            counts as the first probe of the schedule (later probes run as without it) and is not repeated when a
+            fit resumes from a checkpoint.
+        batch_size_fn: ``batch -> int``, the number of samples in a probe batch (weights of the per-sample mean);
+            ``None`` takes the length of the first tensor found in the batch.
 
     Raises:
         HessianConfigError: (a ``MisconfigurationException`` and ``ValueError``) for an invalid argument, naming the
@@ -189,6 +196,8 @@ class HessianSpectrum(Callback):
         near_zero_threshold: float = 1e-3,
         condensation_tol: float = 1e-3,
         cache_graph: bool = True,
+        probe_at_init: bool = True,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         args = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
         #: The validated arguments (also readable as attributes of the callback, e.g. ``callback.top_k``).
@@ -204,6 +213,7 @@ class HessianSpectrum(Callback):
         self.history: list[dict[str, Any]] = []
         self._layout_written = False
         self._warned_overhead = False
+        self._disabled = False
 
     def __getattr__(self, name: str) -> Any:
         # the arguments live in ``self.config``; guard against lookups before it exists (unpickling)
@@ -224,6 +234,7 @@ class HessianSpectrum(Callback):
             "history": [dict(h) for h in self.history],
             **self._schedule.state_dict(),
             "ritz_vectors": None if vectors is None else vectors.detach().to("cpu", torch.float32).clone(),
+            "init_eigenvalues": self._runner.init_eigenvalues,
         }
 
     @override
@@ -232,6 +243,8 @@ class HessianSpectrum(Callback):
         self._schedule.load_state_dict(state_dict)
         vectors = state_dict.get("ritz_vectors")
         self._runner.vectors = None if vectors is None else vectors.clone()
+        init = state_dict.get("init_eigenvalues")
+        self._runner.init_eigenvalues = None if init is None else init.clone()
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -244,6 +257,13 @@ class HessianSpectrum(Callback):
                 )
         self._runner.probe_set = None
         self._layout_written = False
+        self._disabled = not any(p.requires_grad for p in pl_module.parameters())
+        if self._disabled:
+            rank_zero_warn(
+                f"HessianSpectrum[{self.prefix}]: the model has no parameters that require grad; there is no Hessian "
+                "to probe, so this callback does nothing."
+            )
+        check_picklable(trainer, {"loss_fn": self.loss_fn, "batch_size_fn": self.batch_size_fn})
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -271,7 +291,28 @@ class HessianSpectrum(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe_at_init and not self._schedule.init_done and not self._disabled:
+            self._probe_at_init(trainer, pl_module)
         self._schedule.training_started()
+
+    def _probe_at_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run a full probe before any optimizer step and write it to the loggers at step 0.
+
+        Not through ``pl_module.log``: a value logged in ``on_train_start`` reaches the loggers only at the end of
+        epoch 0, where the epoch-0 probe's value of the same key replaces it.
+        """
+        start = time.perf_counter()
+        with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
+            scalars, items = self._runner.run(trainer, pl_module, True)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(scalars), step=0)
+        self.history.append({"epoch": 0, "full": True, "init": True, "metrics": dict(scalars)})
+        self._schedule.commit_init(time.perf_counter() - start)
+        if self.tensorboard:
+            writer = rp.find_tensorboard_writer(trainer)
+            if writer is not None:
+                rp.write_items(writer, items, 0)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -285,6 +326,8 @@ class HessianSpectrum(Callback):
 
     # ------------------------------------------------------------------ probe
     def _on_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._disabled:
+            return
         self._schedule.hook_started()
         try:
             self._maybe_probe(trainer, pl_module)
