@@ -81,6 +81,8 @@ class ProbeRunner:
         self.probe_set: ProbeSet | None = None
         self._warned_clamp = False
         self._warned_state = False
+        #: The train loader(s) of the last fit (probe data for a later ``trainer.validate()``).
+        self.train_loader: Any = None
         #: The top eigenvalues of the first full probe (the probe at initialisation by default), CPU float64.
         self.init_eigenvalues: Tensor | None = None
 
@@ -209,7 +211,12 @@ class ProbeRunner:
         loss_fn = c.loss_fn if c.loss_fn is not None else default_loss
         if self.probe_set is None:
             self.probe_set = ProbeSet.from_trainer(
-                trainer, pl_module, c.probe_samples, seed=c.seed, batch_size=c.probe_batch_size
+                trainer,
+                pl_module,
+                c.probe_samples,
+                seed=c.seed,
+                batch_size=c.probe_batch_size,
+                fallback=self.train_loader,
             )
         batches = self.probe_set.batches
         count_fn = c.batch_size_fn if c.batch_size_fn is not None else batch_size

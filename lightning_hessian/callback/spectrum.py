@@ -214,6 +214,8 @@ class HessianSpectrum(Callback):
         self._layout_written = False
         self._warned_overhead = False
         self._disabled = False
+        self._pending: dict[str, Any] | None = None
+        self._resume_pending: dict[str, Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
         # the arguments live in ``self.config``; guard against lookups before it exists (unpickling)
@@ -235,6 +237,8 @@ class HessianSpectrum(Callback):
             **self._schedule.state_dict(),
             "ritz_vectors": None if vectors is None else vectors.detach().to("cpu", torch.float32).clone(),
             "init_eigenvalues": self._runner.init_eigenvalues,
+            # a checkpoint taken during a probe (OnExceptionCheckpoint): the resumed fit runs it first
+            "pending": self._pending,
         }
 
     @override
@@ -243,6 +247,7 @@ class HessianSpectrum(Callback):
         self._schedule.load_state_dict(state_dict)
         vectors = state_dict.get("ritz_vectors")
         self._runner.vectors = None if vectors is None else vectors.clone()
+        self._resume_pending = state_dict.get("pending")
         init = state_dict.get("init_eigenvalues")
         self._runner.init_eigenvalues = None if init is None else init.clone()
 
@@ -291,8 +296,14 @@ class HessianSpectrum(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._runner.train_loader = trainer.train_dataloader
         if self.probe_at_init and not self._schedule.init_done and not self._disabled:
             self._probe_at_init(trainer, pl_module)
+        pending, self._resume_pending = self._resume_pending, None
+        if pending is not None and not self._disabled:
+            # the checkpoint was taken during this probe: Lightning resumes after its hook, so run it now (same
+            # weights as then) to keep the schedule and the history of an uninterrupted run
+            self._run_probe(trainer, pl_module, pending["kind"], pending["epoch"])
         self._schedule.training_started()
 
     def _probe_at_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -349,12 +360,22 @@ class HessianSpectrum(Callback):
                 self._warned_overhead = True
             schedule.commit(None)
             return
+        self._run_probe(trainer, pl_module, kind, trainer.current_epoch)
+
+    def _run_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kind: Any, epoch: int) -> None:
+        schedule = self._schedule
+        self._pending = {"epoch": epoch, "kind": kind}
         start = time.perf_counter()
         with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
             scalars, items = self._runner.run(trainer, pl_module, kind == "full")
-        rp.log_scalars(pl_module, scalars, sync_dist=world_size() > 1)
-        self.history.append({"epoch": trainer.current_epoch, "full": kind == "full", "metrics": dict(scalars)})
+        if epoch == trainer.current_epoch:
+            rp.log_scalars(pl_module, scalars, sync_dist=world_size() > 1)
+        elif trainer.is_global_zero:  # a resumed pending probe: its epoch's step, straight to the loggers
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(scalars), step=max(int(trainer.global_step) - 1, 0))
+        self.history.append({"epoch": epoch, "full": kind == "full", "metrics": dict(scalars)})
         schedule.commit(kind, time.perf_counter() - start)
+        self._pending = None
         if self.tensorboard:
             writer = rp.find_tensorboard_writer(trainer)
             if writer is not None:
