@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_hessian.distributed import checked_all_reduce, is_distributed
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 __all__ = ["HessianOperator", "LossFn", "LossModule", "batch_size", "cast_batch", "distributed_sum", "world_info"]
@@ -220,7 +222,7 @@ class HessianOperator:
         self._batches = [cast_batch(b, dtype=dtype) for b in batches]
         counts = torch.tensor([batch_size(b) for b in self._batches] or [0], dtype=torch.float64)
         self._local_counts = counts
-        total = distributed_sum(counts.sum().reshape(1).to(self.device)).item()
+        total = self._reduced(lambda: counts.sum().reshape(1).to(self.device), 1, torch.float64).item()
         if total <= 0:
             raise ValueError("the probe set is empty on every rank: pass at least one batch with one sample")
         self.num_samples = int(round(total))
@@ -317,47 +319,83 @@ class HessianOperator:
         """
         if vector.numel() != self.num_params:
             raise ValueError(f"vector has {vector.numel()} entries, the operator acts on {self.num_params}")
-        with self._context():
-            # clone: the caller may hold an inference-mode tensor, which autograd cannot save
-            pieces = self.unflatten(vector.to(device=self.device, dtype=self.dtype).reshape(-1).clone())
-            out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-            for count, grads, leaves in self._gradient_graphs():
-                live = [(g, v) for g, v in zip(grads, pieces) if g is not None and g.requires_grad]
-                if live:
-                    products = torch.autograd.grad(
-                        [g for g, _ in live],
-                        leaves,
-                        grad_outputs=[v for _, v in live],
-                        retain_graph=self.cache_graph,
-                        allow_unused=True,
-                    )
-                    out += count * self.flatten(self._dense(products, leaves))
-            self.num_products += 1
-            return distributed_sum(out).div_(self.num_samples)
+
+        def local() -> Tensor:
+            with self._context():
+                # clone: the caller may hold an inference-mode tensor, which autograd cannot save
+                pieces = self.unflatten(vector.to(device=self.device, dtype=self.dtype).reshape(-1).clone())
+                out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+                for count, grads, leaves in self._gradient_graphs():
+                    live = [(g, v) for g, v in zip(grads, pieces) if g is not None and g.requires_grad]
+                    if live:
+                        products = torch.autograd.grad(
+                            [g for g, _ in live],
+                            leaves,
+                            grad_outputs=[v for _, v in live],
+                            retain_graph=self.cache_graph,
+                            allow_unused=True,
+                        )
+                        out += count * self.flatten(self._dense(products, leaves))
+                return out
+
+        self.num_products += 1
+        return self._reduced(local, self.num_params, self.dtype, check_finite=True).div_(self.num_samples)
 
     __matmul__ = matvec
 
     def gradient(self) -> Tensor:
         """Gradient of the global probe loss (flat, all-reduced); does not count as a product."""
-        with self._context():
-            out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-            if self._graphs is not None:
-                for count, grads, leaves in self._graphs:
-                    out += count * self.flatten(self._dense([None if g is None else g.detach() for g in grads], leaves))
-            else:
-                for count, loss, leaves in self._batch_losses():
-                    out += count * self.flatten(
-                        self._dense(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)
-                    )
-            return distributed_sum(out).div_(self.num_samples)
+
+        def local() -> Tensor:
+            with self._context():
+                out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+                if self._graphs is not None:
+                    for count, grads, leaves in self._graphs:
+                        detached = [None if g is None else g.detach() for g in grads]
+                        out += count * self.flatten(self._dense(detached, leaves))
+                else:
+                    for count, loss, leaves in self._batch_losses():
+                        out += count * self.flatten(
+                            self._dense(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)
+                        )
+                return out
+
+        return self._reduced(local, self.num_params, self.dtype, check_finite=True).div_(self.num_samples)
 
     def loss(self) -> float:
         r"""Global probe loss :math:`L(\theta)` (all-reduced; non-finite values are returned as they are)."""
-        with self._context(), torch.no_grad():
-            total = torch.zeros(1, dtype=self.dtype, device=self.device)
-            for count, loss, _ in self._batch_losses():
-                total += count * loss
-            return float(distributed_sum(total).item() / self.num_samples)
+
+        def local() -> Tensor:
+            with self._context(), torch.no_grad():
+                total = torch.zeros(1, dtype=self.dtype, device=self.device)
+                for count, loss, _ in self._batch_losses():
+                    total += count * loss
+                return total
+
+        return float(self._reduced(local, 1, self.dtype).item() / self.num_samples)
+
+    # ---- DDP: every reduction goes through the status protocol of lightning_hessian.distributed
+    def _reduced(
+        self, local: Callable[[], Tensor], size: int, dtype: torch.dtype, check_finite: bool = False
+    ) -> Tensor:
+        """``local()`` summed over ranks with a status flag in front of the payload (:func:`checked_all_reduce`).
+
+        A local exception or (with ``check_finite``) a non-finite local value marks this rank as failed: every rank
+        then raises :class:`~lightning_hessian.distributed.AgreedFailure` and no payload is reduced, so a failure on
+        one rank never leaves the others waiting in a mismatched collective. Without a process group the local
+        exception propagates unchanged; a non-finite product raises ``AgreedFailure`` there too.
+        """
+        error: BaseException | None = None
+        try:
+            out = local()
+        except Exception as exc:
+            if not is_distributed():
+                raise
+            error, out = exc, torch.zeros(size, dtype=dtype, device=self.device)
+        failed = error is not None or (check_finite and not bool(torch.isfinite(out).all()))
+        if failed and error is None:
+            error = FloatingPointError("non-finite Hessian-vector product or gradient")
+        return checked_all_reduce(out, failed, error)
 
     def dense(self) -> Tensor:
         """Dense Hessian built column by column from :math:`n` products (for tests and tiny models only)."""

@@ -171,7 +171,9 @@ def test_metrics_match_dense_float64_reference(tmp_path):
     # Hutchinson with the same seeded probes on the dense matrix: identical estimate
     ref = hutchinson_trace(lambda v: hess @ v, hess.shape[0], num_samples=5, seed=0 + 7919)
     assert m["hessian/trace"] == pytest.approx(ref.value, rel=1e-9)
-    assert m["hessian/subspace_overlap"] == 0.0  # no previous probe: finite by design
+    # the probe at initialisation has no previous subspace (0: finite by design); the epoch probe overlaps with it
+    assert cb.history[0]["init"] and cb.history[0]["metrics"]["hessian/subspace_overlap"] == 0.0
+    assert 0.0 <= m["hessian/subspace_overlap"] <= 1.0 + 1e-9
     assert m["hessian/hvps"] > 0 and m["hessian/probe_seconds"] > 0
     # logged == history, through pl_module.log (callback_metrics)
     assert float(trainer_metrics := cb.history[-1]["metrics"]["hessian/lambda_max"]) == trainer_metrics
@@ -288,7 +290,8 @@ def test_failed_probe_warns_logs_nan_and_training_continues(tmp_path):
     with pytest.warns(UserWarning, match="probe failed .*not finite"):
         t.fit(FailingAt(1), DataLoader(data, batch_size=8))
     assert t.current_epoch == 3  # training ran to the end
-    first, second = cb.history[0]["metrics"], cb.history[1]["metrics"]
+    assert [(h["epoch"], h.get("init", False)) for h in cb.history] == [(0, True), (0, False), (1, False), (2, False)]
+    first, second = cb.history[1]["metrics"], cb.history[2]["metrics"]  # history[0]: the probe at initialisation
     assert math.isfinite(first["hessian/lambda_max"]) and math.isfinite(first["hessian/ks_distance"])
     assert math.isnan(second["hessian/lambda_max"]) and math.isnan(second["hessian/spectral_gap"])
     assert second["hessian/hvps"] == 0.0 and second["hessian/probe_seconds"] >= 0.0
@@ -401,7 +404,8 @@ def test_validation_epoch_end_and_trainer_validate(tmp_path):
     model = WithVal()
     t = trainer(tmp_path, [cb], max_epochs=1)
     t.fit(model)
-    assert [h["epoch"] for h in cb.history] == [0]  # the sanity check is skipped
+    # the sanity check is skipped; the probe at initialisation (on_train_start) comes first
+    assert [(h["epoch"], h.get("init", False)) for h in cb.history] == [(0, True), (0, False)]
     eig = torch.linalg.eigvalsh(dense_hessian(model, data))
     cb2 = HessianSpectrum(top_k=5, probe_samples=24, dtype="float64", tol=1e-10, when="validation_epoch_end", **QUIET)
     t2 = trainer(tmp_path, [cb2])
@@ -437,20 +441,21 @@ def test_tensorboard_dashboard(tmp_path):
     scalars = SummaryReader(log_dir).scalars
     steps_per_epoch = 4
     lam = scalars[scalars.tag == "hessian/lambda_max"]
-    assert lam.step.tolist() == [steps_per_epoch * (e + 1) - 1 for e in range(3)]
+    # step 0: the probe at initialisation, then the epoch-end probes
+    assert lam.step.tolist() == [0] + [steps_per_epoch * (e + 1) - 1 for e in range(3)]
     assert lam.value.tolist() == pytest.approx([h["metrics"]["hessian/lambda_max"] for h in cb.history], rel=1e-6)
     ks = scalars[scalars.tag == "hessian/ks_distance"]
-    assert ks.step.tolist() == [3, 11]  # full probes at epochs 0 and 2 only
+    assert ks.step.tolist() == [0, 3, 11]  # full probes at init and at epochs 0 and 2 only
 
     ea = EventAccumulator(
         log_dir, size_guidance=dict(DEFAULT_SIZE_GUIDANCE, scalars=0, histograms=0, images=0, tensors=0)
     )
     ea.Reload()
     tags = ea.Tags()
-    top_k_hist = ea.Histograms("hessian/eigenvalues/top_k")  # full probes only, K values each
-    assert [e.step for e in top_k_hist] == [3, 11] and {e.histogram_value.num for e in top_k_hist} == {10}
+    top_k_hist = ea.Histograms("hessian/eigenvalues/top_k")  # full probes only (init, epoch 0), K values each
+    assert [e.step for e in top_k_hist] == [0, 3, 11] and {e.histogram_value.num for e in top_k_hist} == {10}
     eig_hist = ea.Histograms("hessian/eigenvalues/tracked")  # every probe, num_tracked values each
-    assert [e.step for e in eig_hist] == [3, 7, 11]  # aligned with the scalars
+    assert [e.step for e in eig_hist] == [0, 3, 7, 11]  # aligned with the scalars
     assert {e.histogram_value.num for e in eig_hist} == {cb.num_tracked}
     assert eig_hist[-1].histogram_value.max == pytest.approx(cb.history[-1]["metrics"]["hessian/lambda_max"], rel=1e-5)
     ratio = scalars[scalars.tag == "hessian/ks_ratio"].value.to_numpy()
@@ -463,7 +468,7 @@ def test_tensorboard_dashboard(tmp_path):
     )
     density = ea.Histograms("hessian/density")
     n = sum(p.numel() for p in model.parameters())
-    assert [e.step for e in density] == [3, 11]
+    assert [e.step for e in density] == [0, 3, 11]
     assert density[-1].histogram_value.num == pytest.approx(n, rel=1e-9)  # counts estimate numbers of eigenvalues
     assert "hessian/rank_plot" in tags["images"]
     image = ea.Images("hessian/rank_plot")[-1]
@@ -497,17 +502,19 @@ def test_history_survives_checkpoint_resume_and_two_instances_coexist(tmp_path):
 
     first = callbacks()
     trainer(tmp_path, first, max_epochs=2, enable_checkpointing=True).fit(Net(), loader)
-    assert [h["epoch"] for h in first[0].history] == [0, 1]
+    assert [(h["epoch"], h.get("init", False)) for h in first[0].history] == [(0, True), (0, False), (1, False)]
     resumed = callbacks()
     t = trainer(tmp_path, resumed, max_epochs=4, enable_checkpointing=True)
     t.fit(Net(), loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     a, b = resumed[0], resumed[1]
-    assert [h["epoch"] for h in a.history] == [0, 1, 2, 3]
-    restored = [h["metrics"]["hessian/lambda_max"] for h in a.history[:2]]
+    assert [h["epoch"] for h in a.history] == [0, 0, 1, 2, 3]  # the probe at initialisation is not repeated
+    restored = [h["metrics"]["hessian/lambda_max"] for h in a.history[:3]]
     assert restored == [h["metrics"]["hessian/lambda_max"] for h in first[0].history]  # restored, not recomputed
-    assert [h["full"] for h in a.history] == [True, False, True, False]  # the schedule continues across resume
-    assert math.isfinite(a.history[2]["metrics"]["hessian/subspace_overlap"])  # overlap with the restored vectors
-    assert [h["epoch"] for h in b.history] == [0, 1, 2, 3] and "h12/lambda_max" in t.callback_metrics
+    # init + the schedule, which continues across resume
+    assert [h["full"] for h in a.history] == [True, True, False, True, False]
+    assert math.isfinite(a.history[3]["metrics"]["hessian/subspace_overlap"])  # overlap with the restored vectors
+    assert [h["epoch"] for h in b.history] == [0, 0, 1, 2, 3] and "h12/lambda_max" in t.callback_metrics
+    assert torch.equal(a._runner.init_eigenvalues, first[0]._runner.init_eigenvalues)  # restored from the state
 
 
 # ----------------------------------------------------------------------------------------------- LightningCLI
@@ -552,14 +559,16 @@ def test_time_budget_fails_the_probe_and_progress_is_two_lines(tmp_path, caplog)
     cb = HessianSpectrum(top_k=5, probe_samples=24, max_seconds=1e-9, **QUIET)
     with pytest.warns(UserWarning, match="max_seconds"):
         trainer(tmp_path, [cb]).fit(Net(), DataLoader(data, batch_size=8))
-    assert math.isnan(cb.history[0]["metrics"]["hessian/lambda_max"])
+    assert math.isnan(cb.history[0]["metrics"]["hessian/lambda_max"])  # the probe at initialisation
+    assert math.isnan(cb.history[1]["metrics"]["hessian/lambda_max"])
 
     cb = HessianSpectrum(top_k=5, probe_samples=24, verbose=True, **QUIET)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, [cb], max_epochs=2).fit(Net(), DataLoader(data, batch_size=8))
     lines = [r.getMessage() for r in caplog.records if "HessianSpectrum[hessian]" in r.getMessage()]
-    assert len(lines) == 4 and "full probe started" in lines[0] and "HVPs in" in lines[1]  # no per-HVP noise
+    # 3 probes (init, epochs 0 and 1), two lines each: no per-HVP noise
+    assert len(lines) == 6 and "full probe started" in lines[0] and "HVPs in" in lines[1]
 
 
 def test_overhead_guard_skips_probes_after_the_first(tmp_path, caplog):
@@ -570,13 +579,14 @@ def test_overhead_guard_skips_probes_after_the_first(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, [cb], max_epochs=3).fit(Net(), DataLoader(data, batch_size=8))
-    assert [h["epoch"] for h in cb.history] == [0]  # the first probe always runs, the rest exceed the budget
+    # the probe at initialisation and the first epoch probe always run, the rest exceed the budget
+    assert [(h["epoch"], h.get("init", False)) for h in cb.history] == [(0, True), (0, False)]
     assert any("skipping probes" in r.getMessage() for r in caplog.records)
     state = cb.state_dict()
     assert state["probe_seconds"] > 0 and state["train_seconds"] > 0
     cb = HessianSpectrum(top_k=5, probe_samples=24, density=False, trace=False, max_overhead=1e6)
     trainer(tmp_path, [cb], max_epochs=3).fit(Net(), DataLoader(data, batch_size=8))
-    assert [h["epoch"] for h in cb.history] == [0, 1, 2]
+    assert [h["epoch"] for h in cb.history] == [0, 0, 1, 2]
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
@@ -590,7 +600,7 @@ def test_probe_under_true_precision_plugins(tmp_path, precision):
     x = data.tensors[0].to(next(model.parameters()).dtype)
     ref_data = TensorDataset(x.double(), data.tensors[1])
     eig = torch.linalg.eigvalsh(dense_hessian(model, ref_data))
-    assert cb.history[0]["metrics"]["hessian/lambda_max"] == pytest.approx(float(eig[-1]), rel=1e-8)
+    assert cb.history[-1]["metrics"]["hessian/lambda_max"] == pytest.approx(float(eig[-1]), rel=1e-8)
 
 
 def test_subspace_overlap_formula():

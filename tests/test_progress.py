@@ -15,7 +15,11 @@ from torch.utils.data import DataLoader
 from lightning_hessian import HessianSpectrum
 from lightning_hessian.callback import progress as progress_module
 from lightning_hessian.callback import runner as runner_module
-from tests.test_callback import QUIET, Net, make_data
+from tests.test_callback import QUIET as CALLBACK_QUIET
+from tests.test_callback import Net, make_data
+
+# the probes under test run inside training epochs, where the progress bar lives (the init probe runs before it)
+QUIET = {**CALLBACK_QUIET, "probe_at_init": False}
 
 
 def _fit(tmp_path, callbacks, *, max_epochs=1, logger=False, progress=False):

@@ -82,7 +82,12 @@ class ProbeBudget:
     """HVP counter and budget of one probe.
 
     Enforces ``max_hvps``/``max_seconds`` identically on all ranks and, with ``heartbeat``, prints a progress line
-    every 10 s of a long probe (never per HVP).
+    every 10 s of a long probe (never per HVP). The HVP budget is the same on every rank (products run in lock-step).
+    The time budget is
+    decided through the products' own status flag (:mod:`lightning_hessian.distributed`): a rank whose clock ran out
+    raises locally instead of computing the product, which takes it to its stage's agreement point; that
+    ``agree(True)`` pairs with the other ranks' status all-reduce of the same product, so every rank fails the stage
+    together without a separate all-reduce per product.
     """
 
     def __init__(
@@ -119,7 +124,7 @@ class ProbeBudget:
         def matvec(vector: Tensor) -> Tensor:
             if self.max_hvps is not None and self.hvps >= self.max_hvps:
                 raise ProbeFailure(f"the HVP budget max_hvps={self.max_hvps} is spent")
-            if self.max_seconds is not None and any_rank(self.elapsed() > self.max_seconds, self.device):
+            if self.max_seconds is not None and self.elapsed() > self.max_seconds:
                 raise ProbeFailure(f"the time budget max_seconds={self.max_seconds} is spent after {self.hvps} HVPs")
             out = operator.matvec(vector)
             self.hvps += 1

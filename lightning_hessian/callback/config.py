@@ -102,6 +102,8 @@ class ProbeConfig:
     condensation_tol: float = 1e-3
     cache_graph: bool = True
     verbose: bool = False
+    probe_at_init: bool = True
+    batch_size_fn: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("top_k", "every_n_epochs", "probe_samples", "num_tracked", "trace_samples", "density_probes"):
@@ -126,6 +128,10 @@ class ProbeConfig:
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise HessianConfigError(
                 f"loss_fn must be callable(pl_module, batch) -> Tensor or None, got {self.loss_fn!r}."
+            )
+        if self.batch_size_fn is not None and not callable(self.batch_size_fn):
+            raise HessianConfigError(
+                f"batch_size_fn must be callable(batch) -> int or None, got {self.batch_size_fn!r}."
             )
         if self.powerlaw_every_n_epochs is not None and self.powerlaw_every_n_epochs % self.every_n_epochs:
             raise HessianConfigError(

@@ -10,6 +10,16 @@ duplicates) and takes :math:`n_r = \lfloor P/W \rfloor + [r < P \bmod W]` of the
 ``P = probe_samples`` samples are disjoint and differ in size by at most one. When ``P >= N`` every rank takes its whole
 shard and the union of the ranks' probe sets is exactly the data set.
 
+Training data as the loader defines it: the probe draws only from the indices the train loader's sampler can yield
+(:func:`sampler_pool`): a ``SubsetRandomSampler``'s indices, a ``WeightedRandomSampler``'s positive-weight indices, the
+full range for sequential and random samplers (without the tail a ``drop_last`` batch sampler never yields when the
+order is sequential), this rank's shard of a ``DistributedSampler`` (Lightning's, or its wrapper of a custom sampler;
+padding duplicates removed), and for any other sampler the indices one pass of it yields (its generator's state is
+restored). A pool that is already rank-local (a distributed sampler) is used as it is; otherwise rank :math:`r` takes
+the strided shard ``pool[r::W]`` as above. A mapping or sequence of train loaders (or a ``CombinedLoader``) is probed
+through all of them: batch ``j`` holds the ``j``-th probe chunk of every loader in the same structure as the training
+batch (as many batches as the shortest loader's probe set).
+
 RNG isolation: reading a map-style data set item may run random transforms, and merely *starting* a DataLoader
 iterator draws a base seed from the global torch RNG. Everything here runs inside :func:`isolated_rng`, which restores
 the torch (CPU and the probe device), numpy and Python RNG states afterwards, so probing leaves training bit-for-bit
@@ -20,17 +30,25 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from lightning_hessian.operators import batch_size as count_samples
 
-__all__ = ["ProbeSet", "isolated_rng", "shard_indices"]
+__all__ = ["ProbeSet", "isolated_rng", "pool_indices", "resolve_train_loader", "sampler_pool", "shard_indices"]
 
 
 @contextlib.contextmanager
@@ -92,6 +110,86 @@ def shard_indices(num_items: int, num_samples: int, seed: int, rank: int = 0, wo
     return sorted(chosen.tolist())
 
 
+def pool_indices(
+    pool: Sequence[int], num_samples: int, seed: int, rank: int = 0, world_size: int = 1, rank_local: bool = False
+) -> list[int]:
+    """Seeded probe indices of rank ``rank`` drawn from ``pool`` (the indices the train sampler yields).
+
+    With ``rank_local`` the pool is already this rank's shard; otherwise the rank takes ``sorted(pool)[rank::W]``.
+    The rank draws ``floor(P/W) + [rank < P mod W]`` of its shard (all of it when that is smaller), as
+    :func:`shard_indices` does for ``pool = range(N)``.
+
+    Raises:
+        ValueError: if the pool is empty or ``num_samples < 1``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    ordered = sorted(set(int(i) for i in pool))
+    if not ordered:
+        raise ValueError("The train sampler yields no sample; the probe needs at least 1 sample.")
+    shard = torch.tensor(ordered if rank_local else ordered[rank::world_size], dtype=torch.long)
+    count = num_samples // world_size + int(rank < num_samples % world_size)
+    if count >= shard.numel():
+        return shard.tolist()
+    generator = torch.Generator().manual_seed(int(seed))
+    return sorted(shard[torch.randperm(shard.numel(), generator=generator)[:count]].tolist())
+
+
+def sampler_pool(loader: DataLoader, num_items: int) -> tuple[list[int], bool]:
+    """The data set indices ``loader``'s sampler can yield, and whether they are already rank-local.
+
+    Args:
+        loader: a map-style DataLoader.
+        num_items: ``len(loader.dataset)``.
+
+    Returns:
+        ``(indices, rank_local)``; see the module docstring for the rule per sampler type.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or loader.sampler
+    drop_last = bool(getattr(batch_sampler, "drop_last", False))
+    size = getattr(batch_sampler, "batch_size", None)
+    if isinstance(sampler, DistributedSampler):
+        order = [int(i) for i in _one_pass(sampler)]
+        if drop_last and size:
+            order = order[: len(order) // size * size]
+        real = len(sampler.dataset)  # positions >= real are DistributedSampler's padding duplicates
+        return [i for k, i in enumerate(order) if sampler.rank + k * sampler.num_replicas < real], True
+    if isinstance(sampler, WeightedRandomSampler):
+        return torch.nonzero(torch.as_tensor(sampler.weights) > 0).flatten().tolist(), False
+    if isinstance(sampler, SubsetRandomSampler):
+        return [int(i) for i in sampler.indices], False
+    if isinstance(sampler, SequentialSampler):
+        stop = num_items // size * size if drop_last and size else num_items
+        return list(range(stop)), False
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples >= num_items:
+        return list(range(num_items)), False
+    return [int(i) for i in _one_pass(batch_sampler if batch_sampler is not None else sampler, flat=True)], False
+
+
+def _one_pass(sampler: Any, flat: bool = False) -> list[int]:
+    """Run one pass over a sampler and restore every generator it holds (the caller isolates the global RNGs)."""
+    generators = [
+        g
+        for g in (getattr(sampler, "generator", None), getattr(getattr(sampler, "sampler", None), "generator", None))
+        if isinstance(g, torch.Generator)
+    ]
+    states = [g.get_state() for g in generators]
+    try:
+        out: list[int] = []
+        for item in sampler:
+            if flat and isinstance(item, (list, tuple)):
+                out.extend(int(i) for i in item)
+            elif isinstance(item, Tensor) and item.dim() > 0:
+                out.extend(item.tolist())
+            else:
+                out.append(int(item))
+        return out
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+
+
 def _slice_batch(batch: Any, stop: int) -> Any:
     """The first ``stop`` samples of a batch (tensors sliced on dim 0 inside dicts, lists and tuples)."""
     if isinstance(batch, Tensor):
@@ -143,7 +241,8 @@ class ProbeSet:
     ) -> ProbeSet:
         """Select, collate and transfer this rank's probe samples of ``loader``'s data set.
 
-        Map-style data sets: the indices come from :func:`shard_indices`; items are read with ``dataset[i]`` and
+        Map-style data sets: the indices come from :func:`pool_indices` over :func:`sampler_pool`; items are read
+        with ``dataset[i]`` and
         collated with ``loader.collate_fn`` in chunks of ``batch_size`` (default: the loader's batch size). Iterable
         data sets have no indices: the first ``num_samples // world_size`` samples the (already rank-sharded) loader
         yields are taken instead, still with the RNG isolated.
@@ -171,7 +270,10 @@ class ProbeSet:
         with isolated_rng(device):
             if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
                 return cls._from_iterable(loader, max(1, num_samples // world_size), transfer)
-            indices = shard_indices(len(dataset), num_samples, seed, rank, world_size)
+            if len(dataset) < 1:
+                raise ValueError("The training data set is empty; the probe needs at least 1 sample.")
+            pool, rank_local = sampler_pool(loader, len(dataset))
+            indices = pool_indices(pool, num_samples, seed, rank, world_size, rank_local)
             chunk = batch_size or loader.batch_size or len(indices)
             collate = loader.collate_fn
             batches = [
@@ -197,7 +299,14 @@ class ProbeSet:
 
     @classmethod
     def from_trainer(
-        cls, trainer: Any, pl_module: Any, num_samples: int, *, seed: int = 0, batch_size: int | None = None
+        cls,
+        trainer: Any,
+        pl_module: Any,
+        num_samples: int,
+        *,
+        seed: int = 0,
+        batch_size: int | None = None,
+        fallback: Any = None,
     ) -> ProbeSet:
         """Probe set from ``trainer.train_dataloader``, moved to ``pl_module``'s device as the training loop does.
 
@@ -211,36 +320,87 @@ class ProbeSet:
             num_samples: global probe size.
             seed: seed of the index generator.
             batch_size: samples per probe batch (``None``: the loader's batch size).
+            fallback: the train loader(s) of an earlier ``fit`` (used when the trainer has none, e.g. under
+                ``trainer.validate()``).
 
         Returns:
             This rank's probe set.
 
         Raises:
-            ValueError: if the trainer has no single training DataLoader.
+            ValueError: if no training data can be found, or it is not made of torch DataLoaders.
         """
-        loader = trainer.train_dataloader
-        if loader is None:  # e.g. under ``trainer.validate()``: ask the data source directly
-            source = trainer.datamodule if trainer.datamodule is not None else pl_module
-            loader = source.train_dataloader()
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                "HessianSpectrum needs a single torch DataLoader as training data, got "
-                f"{type(loader).__name__}. Use one DataLoader, or attach the callback to a module whose "
-                "train_dataloader returns one."
-            )
+        loader = resolve_train_loader(trainer, pl_module, fallback)
 
         def transfer(batch: Any) -> Any:
             batch = trainer.precision_plugin.convert_input(batch)
             batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
             return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
-        return cls.from_dataloader(
-            loader,
-            num_samples,
-            seed=seed,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            batch_size=batch_size,
-            transfer=transfer,
-            device=pl_module.device,
-        )
+        def build(one: DataLoader) -> ProbeSet:
+            return cls.from_dataloader(
+                one,
+                num_samples,
+                seed=seed,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+                batch_size=batch_size,
+                transfer=lambda b: b,
+                device=pl_module.device,
+            )
+
+        if isinstance(loader, DataLoader):
+            single = build(loader)
+            return cls([transfer(b) for b in single.batches], single.indices, single.num_samples)
+        # a mapping / sequence of loaders: batch j holds every loader's j-th chunk, in the training batch structure
+        parts = {k: build(v) for k, v in loader.items()} if isinstance(loader, Mapping) else None
+        seq = None if parts is not None else [build(v) for v in loader]
+        sets = list(parts.values()) if parts is not None else seq
+        length = min(len(p) for p in sets)
+        if parts is not None:
+            batches = [type(loader)((k, p.batches[j]) for k, p in parts.items()) for j in range(length)]
+        else:
+            batches = [type(loader)(p.batches[j] for p in seq) for j in range(length)]
+        first = sets[0]
+        count = sum(count_samples(b) for b in first.batches[:length])
+        return cls([transfer(b) for b in batches], first.indices, count)
+
+
+def resolve_train_loader(trainer: Any, pl_module: Any, fallback: Any = None) -> Any:
+    """The training data of ``trainer``: a DataLoader, or a mapping/sequence of DataLoaders.
+
+    Order: ``trainer.train_dataloader`` (during fit), then ``fallback`` (an earlier fit's loaders, e.g. under
+    ``trainer.validate()``), then the datamodule's or module's ``train_dataloader()`` when it is defined. A
+    ``CombinedLoader`` is unwrapped to its iterables.
+
+    Raises:
+        ValueError: saying what to provide when there is no training data or it is not made of DataLoaders.
+    """
+    from lightning.pytorch.utilities import CombinedLoader
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is None:
+        loader = fallback
+    if loader is None:
+        datamodule = getattr(trainer, "datamodule", None)
+        source = datamodule if datamodule is not None and is_overridden("train_dataloader", datamodule) else None
+        if source is None and is_overridden("train_dataloader", pl_module):
+            source = pl_module
+        if source is None:
+            raise ValueError(
+                "HessianSpectrum needs the training data, but this run has none: outside fit (trainer.validate()), "
+                "run trainer.fit first with the same callback, or define train_dataloader() on the LightningModule "
+                "or the LightningDataModule."
+            )
+        loader = source.train_dataloader()
+    if isinstance(loader, CombinedLoader):
+        loader = loader.iterables
+    loaders = list(loader.values()) if isinstance(loader, Mapping) else loader
+    if isinstance(loaders, DataLoader) or (
+        isinstance(loaders, (list, tuple)) and loaders and all(isinstance(x, DataLoader) for x in loaders)
+    ):
+        return loader
+    raise ValueError(
+        "HessianSpectrum needs the training data as a torch DataLoader, a mapping or sequence of DataLoaders, or a "
+        f"CombinedLoader of them; got {type(loader).__name__}. Wrap the data in a DataLoader."
+    )

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -29,13 +28,14 @@ from lightning_hessian.callback.analyses import (
     ProbeContext,
     ProbeFailure,
     TraceAnalysis,
-    any_rank,
     world_size,
 )
 from lightning_hessian.callback.config import MAX_TOP_K_FRACTION, ProbeConfig
 from lightning_hessian.callback.loss import default_loss
 from lightning_hessian.callback.probe import ProbeSet
 from lightning_hessian.callback.progress import ProbeProgress
+from lightning_hessian.callback.state import ModuleSnapshot, rank_zero_buffers
+from lightning_hessian.distributed import AgreedFailure, broadcast_object, checked_all_reduce, gather_objects, run_stage
 from lightning_hessian.lanczos import EigenResult, lanczos
 from lightning_hessian.operators import HessianOperator, batch_size, evaluation_mode
 from lightning_hessian.powerlaw import spectral_gap
@@ -66,6 +66,8 @@ class ProbeRunner:
         analyses: extra analyses run after the built-in ones (see :class:`~lightning_hessian.callback.Analysis`).
         vectors: the last probe's top ``num_tracked`` Ritz vectors (float32, CPU), or ``None``.
         probe_set: the cached probe set (``None`` until the first probe, reset at ``setup``).
+        init_eigenvalues: the top eigenvalues of the first full probe (CPU float64; ``None`` before it), e.g. for
+            drawing the initialisation spectrum behind later rank plots.
     """
 
     def __init__(self, config: ProbeConfig) -> None:
@@ -81,6 +83,11 @@ class ProbeRunner:
         self.vectors: Tensor | None = None
         self.probe_set: ProbeSet | None = None
         self._warned_clamp = False
+        self._warned_state = False
+        #: The train loader(s) of the last fit (probe data for a later ``trainer.validate()``).
+        self.train_loader: Any = None
+        #: The top eigenvalues of the first full probe (the probe at initialisation by default), CPU float64.
+        self.init_eigenvalues: Tensor | None = None
 
     # ------------------------------------------------------------------ keys
     def key(self, name: str) -> str:
@@ -96,7 +103,7 @@ class ProbeRunner:
         c = self.config
         built: list[Analysis] = []
         if c.powerlaw_every_n_epochs is not None:
-            built.append(PowerLawAnalysis(c.ks_level, c.top_k, reference=getattr(self, "init_eigenvalues", None)))
+            built.append(PowerLawAnalysis(c.ks_level, c.top_k, reference=self.init_eigenvalues))
         if c.trace:
             built.append(TraceAnalysis(c.trace_samples))
         if c.density or c.near_zero:
@@ -127,7 +134,29 @@ class ProbeRunner:
 
         While it runs, the trainer's progress bar shows its HVP count (:class:`ProbeProgress`); an INFO line reports
         each probe with ``verbose=True``, else only probes slower than :data:`SLOW_PROBE_SECONDS`.
+
+        The probe is a sequence of stages (prepare, top eigenpairs, each analysis), each ending at an agreement point
+        of :func:`~lightning_hessian.distributed.run_stage`, and every collective inside a stage is preceded by a
+        status all-reduce, so a failure on any rank at any point is seen by every rank at the same stage. Under DDP
+        the probe evaluates rank 0's buffers (:func:`~lightning_hessian.callback.state.rank_zero_buffers`); afterwards
+        the module's state is as before the probe (:class:`~lightning_hessian.callback.state.ModuleSnapshot`).
         """
+        snapshot = ModuleSnapshot(pl_module)
+        try:
+            with rank_zero_buffers(pl_module, pl_module.device):
+                return self._reported(trainer, pl_module, full)
+        finally:
+            lost = snapshot.restore()
+            if lost and not self._warned_state:
+                rank_zero_warn(
+                    f"HessianSpectrum[{self.config.prefix}]: the probe's calls of the loss changed module state in "
+                    f"place that could not be restored ({', '.join(lost[:5])}); define `hessian_loss(self, batch)` "
+                    "without side effects or pass `loss_fn=`."
+                )
+                self._warned_state = True
+
+    def _reported(self, trainer: Any, pl_module: Any, full: bool) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
+        """:meth:`_run` with the progress bar and the console lines."""
         kind = "full" if full else "cheap"
         label = f"HessianSpectrum[{self.config.prefix}] epoch {trainer.current_epoch}"
         if self.config.verbose:
@@ -152,47 +181,49 @@ class ProbeRunner:
         scalars: dict[str, float] = {}
         items: list[rp.TensorBoardItem] = []
         analyses = self.built_analyses(full)
+        device = pl_module.device
 
-        ctx, error = self._prepare(trainer, pl_module, full, label, on_hvp=progress.update)
+        ctx, error = run_stage(lambda: self._prepare(trainer, pl_module, full, label, on_hvp=progress.update), device)
         if ctx is None:
             groups = [self.core_keys(), *(a.keys(self.config.prefix, pl_module) for a in analyses)]
-            self._fail(f"the probe could not start: {error}", groups, scalars)
+            self._fail("the probe could not start", error, groups, scalars)
             scalars[self.key(rp.HVPS)] = 0.0
             scalars[self.key(rp.PROBE_SECONDS)] = time.perf_counter() - start
             return scalars, items
 
-        try:
-            ctx.top = self._top_eigenpairs(ctx, full)
-            eig = ctx.top.eigenvalues.detach().to("cpu", torch.float64)
+        def top() -> tuple[EigenResult, dict[str, float]]:
+            result = self._top_eigenpairs(ctx, full)
+            eig = result.eigenvalues.detach().to("cpu", torch.float64)
             gap, ratio = spectral_gap(eig) if eig.numel() >= 2 else (math.nan, math.nan)
-            scalars[self.key(rp.LAMBDA_MAX)] = float(eig[0])
-            scalars[self.key(rp.SPECTRAL_GAP)] = gap
-            scalars[self.key(rp.SPECTRAL_GAP_RATIO)] = ratio
+            values = {
+                self.key(rp.LAMBDA_MAX): float(eig[0]),
+                self.key(rp.SPECTRAL_GAP): gap,
+                self.key(rp.SPECTRAL_GAP_RATIO): ratio,
+            }
+            return result, values
+
+        outcome, error = run_stage(top, device)
+        if outcome is None:
+            self._fail("top eigenpairs", error, [self.core_keys()], scalars)
+        else:
+            ctx.top, values = outcome
+            scalars.update(values)
             scalars[self.key(rp.SUBSPACE_OVERLAP)] = self._update_vectors(ctx.top.eigenvectors)
+            eig = ctx.top.eigenvalues.detach().to("cpu", torch.float64)
             if full:
                 items.append(rp.Histogram(self.key(rp.EIGENVALUES_TOP_K), eig))
             items.append(rp.Histogram(self.key(rp.EIGENVALUES_TRACKED), eig[: self.config.num_tracked]))
-            failed = False
-        except Exception as exc:  # noqa: BLE001 - any failure becomes a warning + NaN (or strict error)
-            failed, error = True, exc
-        if any_rank(failed, ctx.operator.device):
-            ctx.top = None
-            self._fail(f"top eigenpairs: {error}", [self.core_keys()], scalars)
+            if full and self.init_eigenvalues is None:
+                self.init_eigenvalues = eig.clone()
 
         for analysis in analyses:
-            try:
-                result = analysis(ctx)
-                failed = False
-            except Exception as exc:  # noqa: BLE001
-                failed, error, result = True, exc, None
-            if any_rank(failed, ctx.operator.device):
-                self._fail(f"{analysis.name}: {error}", [analysis.keys(self.config.prefix, pl_module)], scalars)
+            result, error = run_stage(lambda analysis=analysis: analysis(ctx), device)
+            if result is not None and getattr(analysis, "rank_local", False) and world_size() > 1:
+                # values that depend on this rank's probe inputs: every rank logs rank 0's
+                result.scalars = broadcast_object(result.scalars, device=device)
+            if error is not None:
+                self._fail(analysis.name, error, [analysis.keys(self.config.prefix, pl_module)], scalars)
             elif result is not None:
-                if getattr(analysis, "rank_local", False) and world_size() > 1:
-                    # values that depend on this rank's probe inputs: every rank logs rank 0's
-                    shared = [result.scalars]
-                    dist.broadcast_object_list(shared, src=0)
-                    result.scalars = shared[0]
                 scalars.update(result.scalars)
                 items.extend(result.items)
         seconds = time.perf_counter() - start
@@ -201,41 +232,36 @@ class ProbeRunner:
         items.extend(rp.margin_items(self.config.prefix, scalars))
         return scalars, items
 
-    def _prepare(
-        self, trainer: Any, pl_module: Any, full: bool, label: str, on_hvp: Any = None
-    ) -> tuple[ProbeContext | None, Any]:
-        """Probe set, operator and a finite-loss check; the go/no-go decision is taken jointly by all ranks."""
+    def _prepare(self, trainer: Any, pl_module: Any, full: bool, label: str, on_hvp: Any = None) -> ProbeContext:
+        """Probe set, operator and a finite-loss check (one stage: every rank raises or none does)."""
         c = self.config
-        error: Any = None
         loss_fn = c.loss_fn if c.loss_fn is not None else default_loss
-        local = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # [sum n_b l_b, sum n_b, failed]
-        batches: list[Any] = []
-        try:
-            if self.probe_set is None:
-                self.probe_set = ProbeSet.from_trainer(
-                    trainer, pl_module, c.probe_samples, seed=c.seed, batch_size=c.probe_batch_size
-                )
-            batches = self.probe_set.batches
-            with torch.no_grad(), evaluation_mode(pl_module):
-                for batch in batches:
-                    count = batch_size(batch)
-                    value = loss_fn(pl_module, batch)
-                    local[0] += count * float(value.detach().reshape(()))
-                    local[1] += count
-        except Exception as exc:  # noqa: BLE001
-            local[2] = 1.0
-            error = exc
-        if world_size() > 1:
-            dist.all_reduce(local, op=dist.ReduceOp.SUM)
-        if local[2] > 0:
-            return None, error if error is not None else "it failed on another rank"
+        if self.probe_set is None:
+            self.probe_set = ProbeSet.from_trainer(
+                trainer,
+                pl_module,
+                c.probe_samples,
+                seed=c.seed,
+                batch_size=c.probe_batch_size,
+                fallback=self.train_loader,
+            )
+        batches = self.probe_set.batches
+        count_fn = c.batch_size_fn if c.batch_size_fn is not None else batch_size
+        local = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # [sum n_b l_b, sum n_b]
+        with torch.no_grad(), evaluation_mode(pl_module):
+            for batch in batches:
+                count = int(count_fn(batch))
+                value = loss_fn(pl_module, batch)
+                local[0] += count * float(value.detach().reshape(()))
+                local[1] += count
+        checked_all_reduce(local, False)
         loss = float(local[0] / local[1]) if local[1] > 0 else math.nan
         if not math.isfinite(loss):
-            return None, f"the probe loss is not finite ({loss})"
+            raise ProbeFailure(f"the probe loss is not finite ({loss})")
         dtype = self.torch_dtype(pl_module)
         operator = HessianOperator(pl_module, loss_fn, batches, dtype=dtype, cache_graph=c.cache_graph)
         budget = ProbeBudget(operator.device, c.max_hvps, c.max_seconds, label, heartbeat=c.verbose, on_hvp=on_hvp)
-        ctx = ProbeContext(
+        return ProbeContext(
             trainer=trainer,
             pl_module=pl_module,
             operator=operator,
@@ -249,7 +275,6 @@ class ProbeRunner:
             full=full,
             loss=loss,
         )
-        return ctx, None
 
     def _top_eigenpairs(self, ctx: ProbeContext, full: bool) -> EigenResult:
         c = self.config
@@ -303,10 +328,18 @@ class ProbeRunner:
         self.vectors = current.to(torch.float32)
         return overlap
 
-    def _fail(self, reason: str, key_groups: list[list[str]], scalars: dict[str, float]) -> None:
-        message = f"HessianSpectrum[{self.config.prefix}]: probe failed ({reason})."
+    def _fail(
+        self, stage: str, error: BaseException | None, key_groups: list[list[str]], scalars: dict[str, float]
+    ) -> None:
+        """Warn (or raise) about a failed stage and NaN-fill its keys; every rank calls it at the same stage."""
+        reasons = gather_objects(_describe(error), device=None)
+        if len(reasons) > 1:
+            detail = "; ".join(f"rank {r}: {d}" for r, d in enumerate(reasons) if d) or "unknown"
+        else:
+            detail = reasons[0] or "unknown"
+        message = f"HessianSpectrum[{self.config.prefix}]: probe failed ({stage}: {detail})."
         if self.config.strict:
-            raise ProbeFailure(message)
+            raise ProbeFailure(message) from error
         rank_zero_warn(message + (" Logging NaN." if self.config.nan_on_failure else " Logging nothing."))
         if self.config.nan_on_failure:
             for keys in key_groups:
@@ -318,3 +351,12 @@ class ProbeRunner:
             return getattr(torch, self.config.dtype)
         model_dtype = next((p.dtype for p in pl_module.parameters() if p.requires_grad), torch.float32)
         return model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _describe(error: BaseException | None) -> str | None:
+    """Describe this rank's part of a failure (``None`` when the failure happened elsewhere)."""
+    if isinstance(error, AgreedFailure):
+        error = error.local
+    if error is None:
+        return None
+    return str(error) if isinstance(error, ProbeFailure) else f"{type(error).__name__}: {error}"

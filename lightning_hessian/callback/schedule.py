@@ -34,6 +34,8 @@ class ProbeSchedule:
         num_probes: committed probes.
         probe_seconds: wall time of the committed probes.
         train_seconds: training time between hooks (probes excluded).
+        init_done: whether the probe at initialisation ran (it is not counted in ``num_probes``: the epoch probes'
+            full/cheap rhythm is the same with and without it; its time counts in ``probe_seconds``).
     """
 
     every_n_epochs: int
@@ -43,6 +45,7 @@ class ProbeSchedule:
     num_probes: int = 0
     probe_seconds: float = 0.0
     train_seconds: float = 0.0
+    init_done: bool = False
     _last_hook_end: float | None = None
 
     def training_started(self) -> None:
@@ -91,6 +94,11 @@ class ProbeSchedule:
             self.num_probes += 1
             self.probe_seconds += seconds
 
+    def commit_init(self, seconds: float) -> None:
+        """Record the probe at initialisation (after it finished)."""
+        self.init_done = True
+        self.probe_seconds += seconds
+
     def state_dict(self) -> dict[str, Any]:
         """Counters for a checkpoint."""
         return {
@@ -98,6 +106,7 @@ class ProbeSchedule:
             "num_probes": self.num_probes,
             "probe_seconds": self.probe_seconds,
             "train_seconds": self.train_seconds,
+            "init_done": self.init_done,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -106,3 +115,5 @@ class ProbeSchedule:
         self.num_probes = int(state.get("num_probes", 0))
         self.probe_seconds = float(state.get("probe_seconds", 0.0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        # checkpoints older than the probe at initialisation: a run that already probed must not probe "at init"
+        self.init_done = bool(state.get("init_done", self.calls > 0 or self.num_probes > 0))

@@ -65,6 +65,7 @@ from lightning_hessian.callback.monitors import check_monitors
 from lightning_hessian.callback.probe import isolated_rng
 from lightning_hessian.callback.runner import ProbeRunner
 from lightning_hessian.callback.schedule import ProbeSchedule
+from lightning_hessian.callback.setup_checks import check_picklable
 
 __all__ = ["HessianSpectrum"]
 
@@ -147,6 +148,12 @@ class HessianSpectrum(Callback):
         verbose: an INFO line when each probe starts and ends, and every 10 s of a long probe; ``False`` (default)
             reports only probes slower than 5 s, in one line. Either way the progress bar (TQDM or Rich) shows a
             running probe's HVP count on a second line.
+        probe_at_init: run a full probe at fit start (``on_train_start``), before any optimizer step, logged at step
+            0: the random-init control of Xie et al. (2022) and the network the free-probability law describes. It
+            counts as the first probe of the schedule (later probes run as without it) and is not repeated when a
+            fit resumes from a checkpoint.
+        batch_size_fn: ``batch -> int``, the number of samples in a probe batch (weights of the per-sample mean);
+            ``None`` takes the length of the first tensor found in the batch.
 
     Raises:
         HessianConfigError: (a ``MisconfigurationException`` and ``ValueError``) for an invalid argument, naming the
@@ -193,6 +200,8 @@ class HessianSpectrum(Callback):
         condensation_tol: float = 1e-3,
         cache_graph: bool = True,
         verbose: bool = False,
+        probe_at_init: bool = True,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         args = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
         #: The validated arguments (also readable as attributes of the callback, e.g. ``callback.top_k``).
@@ -208,6 +217,9 @@ class HessianSpectrum(Callback):
         self.history: list[dict[str, Any]] = []
         self._layout_written = False
         self._warned_overhead = False
+        self._disabled = False
+        self._pending: dict[str, Any] | None = None
+        self._resume_pending: dict[str, Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
         # the arguments live in ``self.config``; guard against lookups before it exists (unpickling)
@@ -228,6 +240,9 @@ class HessianSpectrum(Callback):
             "history": [dict(h) for h in self.history],
             **self._schedule.state_dict(),
             "ritz_vectors": None if vectors is None else vectors.detach().to("cpu", torch.float32).clone(),
+            "init_eigenvalues": self._runner.init_eigenvalues,
+            # a checkpoint taken during a probe (OnExceptionCheckpoint): the resumed fit runs it first
+            "pending": self._pending,
         }
 
     @override
@@ -236,6 +251,9 @@ class HessianSpectrum(Callback):
         self._schedule.load_state_dict(state_dict)
         vectors = state_dict.get("ritz_vectors")
         self._runner.vectors = None if vectors is None else vectors.clone()
+        self._resume_pending = state_dict.get("pending")
+        init = state_dict.get("init_eigenvalues")
+        self._runner.init_eigenvalues = None if init is None else init.clone()
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -248,6 +266,13 @@ class HessianSpectrum(Callback):
                 )
         self._runner.probe_set = None
         self._layout_written = False
+        self._disabled = not any(p.requires_grad for p in pl_module.parameters())
+        if self._disabled:
+            rank_zero_warn(
+                f"HessianSpectrum[{self.prefix}]: the model has no parameters that require grad; there is no Hessian "
+                "to probe, so this callback does nothing."
+            )
+        check_picklable(trainer, {"loss_fn": self.loss_fn, "batch_size_fn": self.batch_size_fn})
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -279,7 +304,34 @@ class HessianSpectrum(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._runner.train_loader = trainer.train_dataloader
+        if self.probe_at_init and not self._schedule.init_done and not self._disabled:
+            self._probe_at_init(trainer, pl_module)
+        pending, self._resume_pending = self._resume_pending, None
+        if pending is not None and not self._disabled:
+            # the checkpoint was taken during this probe: Lightning resumes after its hook, so run it now (same
+            # weights as then) to keep the schedule and the history of an uninterrupted run
+            self._run_probe(trainer, pl_module, pending["kind"], pending["epoch"])
         self._schedule.training_started()
+
+    def _probe_at_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run a full probe before any optimizer step and write it to the loggers at step 0.
+
+        Not through ``pl_module.log``: a value logged in ``on_train_start`` reaches the loggers only at the end of
+        epoch 0, where the epoch-0 probe's value of the same key replaces it.
+        """
+        start = time.perf_counter()
+        with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
+            scalars, items = self._runner.run(trainer, pl_module, True)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(scalars), step=0)
+        self.history.append({"epoch": 0, "full": True, "init": True, "metrics": dict(scalars)})
+        self._schedule.commit_init(time.perf_counter() - start)
+        if self.tensorboard:
+            writer = rp.find_tensorboard_writer(trainer)
+            if writer is not None:
+                rp.write_items(writer, items, 0)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -293,6 +345,8 @@ class HessianSpectrum(Callback):
 
     # ------------------------------------------------------------------ probe
     def _on_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._disabled:
+            return
         self._schedule.hook_started()
         try:
             self._maybe_probe(trainer, pl_module)
@@ -314,12 +368,22 @@ class HessianSpectrum(Callback):
                 self._warned_overhead = True
             schedule.commit(None)
             return
+        self._run_probe(trainer, pl_module, kind, trainer.current_epoch)
+
+    def _run_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kind: Any, epoch: int) -> None:
+        schedule = self._schedule
+        self._pending = {"epoch": epoch, "kind": kind}
         start = time.perf_counter()
         with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
             scalars, items = self._runner.run(trainer, pl_module, kind == "full")
-        rp.log_scalars(pl_module, scalars, sync_dist=world_size() > 1)
-        self.history.append({"epoch": trainer.current_epoch, "full": kind == "full", "metrics": dict(scalars)})
+        if epoch == trainer.current_epoch:
+            rp.log_scalars(pl_module, scalars, sync_dist=world_size() > 1)
+        elif trainer.is_global_zero:  # a resumed pending probe: its epoch's step, straight to the loggers
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(scalars), step=max(int(trainer.global_step) - 1, 0))
+        self.history.append({"epoch": epoch, "full": kind == "full", "metrics": dict(scalars)})
         schedule.commit(kind, time.perf_counter() - start)
+        self._pending = None
         if self.tensorboard:
             writer = rp.find_tensorboard_writer(trainer)
             if writer is not None:
