@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_hessian.errors import ProbeProductError
 from lightning_hessian.operators import HessianOperator, batch_size, cast_batch
 from tests.cases import CASES, dense_hessian, make_case, mse_loss
 
@@ -132,8 +133,17 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="entries"):
         operator.matvec(torch.zeros(3))
     bad = HessianOperator(model, lambda m, b: m(b[0]), batches)
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ProbeProductError, match="scalar") as info:
         bad.matvec(torch.zeros(bad.num_params, dtype=torch.float64))
+    assert isinstance(info.value.__cause__, ValueError)
+    for kwargs, word in [({"cache_graph": "yes"}, "cache_graph"), ({"strategy": "magic"}, "strategy")]:
+        with pytest.raises(ValueError, match=word):
+            HessianOperator(model, loss_fn, batches, **kwargs)
+    for fraction in (0, 1.5, True):
+        with pytest.raises(ValueError, match="memory_fraction"):
+            HessianOperator(model, loss_fn, batches, memory_fraction=fraction)
+    with pytest.raises(ValueError, match="shape"):
+        operator.matmat(torch.zeros(operator.num_params + 1, 2, dtype=torch.float64))
 
 
 def test_batch_size_and_cast_batch():
