@@ -45,7 +45,7 @@ def _sdpa_lm():
 
 def _lightning_transformer():
     torch.manual_seed(0)
-    model = LightningTransformer(vocab_size=VOCAB, ninp=2, nhead=1, nhid=2, nlayers=1, dropout=0.0).double()
+    model = LightningTransformer(vocab_size=VOCAB, ninp=2, nhead=2, nhid=2, nlayers=1, dropout=0.0).double()
     return model, lightning_transformer_loss, demos.token_batches(2, 2, length=4, vocab_size=VOCAB, seed=3)
 
 
