@@ -1,8 +1,9 @@
 r"""Collectives that never mismatch: a two-phase protocol for failures agreed by all ranks.
 
-Every collective of a probe is preceded by a *status* all-reduce, a 1-element ``MAX`` reduction of a failure flag
-(:func:`agree`). Only when no rank failed does the payload follow (:func:`checked_all_reduce`,
-:func:`checked_broadcast`); otherwise every rank raises :class:`AgreedFailure` without the payload. The rules:
+Every collective of a probe is preceded by a *status* all-reduce, a 1-element ``SUM`` reduction of the ranks'
+failure flags (:func:`failed_ranks`, :func:`agree`). Only when no rank failed does the payload follow
+(:func:`checked_all_reduce`, :func:`checked_broadcast`); otherwise every rank raises :class:`AgreedFailure` without the
+payload. The rules:
 
 1. A rank that fails *inside* a product (an exception, a non-finite value) still takes part in the product's status
    all-reduce, with ``failed_locally=True``; every rank then raises :class:`AgreedFailure`.
@@ -31,6 +32,7 @@ __all__ = [
     "broadcast_object",
     "checked_all_reduce",
     "checked_broadcast",
+    "failed_ranks",
     "gather_objects",
     "is_distributed",
     "run_stage",
@@ -56,8 +58,28 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def failed_ranks(failed: bool, device: torch.device | str | None = None) -> int:
+    """How many ranks failed: a 1-element ``SUM`` all-reduce of the status flag (the local flag without DDP).
+
+    Every status all-reduce of the protocol is this one collective, so a product's status check pairs with another
+    rank's stage agreement point.
+
+    Args:
+        failed: this rank's status.
+        device: where the flag lives (the backend's device: the model's device in practice).
+
+    Returns:
+        The number of ranks whose ``failed`` is true.
+    """
+    if not is_distributed():
+        return int(bool(failed))
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return int(round(flag.item()))
+
+
 def agree(failed: bool, device: torch.device | str | None = None) -> bool:
-    """Whether any rank failed: a 1-element ``MAX`` all-reduce of the status flag (the local flag without DDP).
+    """Whether any rank failed (:func:`failed_ranks` ``> 0``).
 
     Args:
         failed: this rank's status.
@@ -66,11 +88,7 @@ def agree(failed: bool, device: torch.device | str | None = None) -> bool:
     Returns:
         ``True`` if ``failed`` is true on at least one rank.
     """
-    if not is_distributed():
-        return bool(failed)
-    flag = torch.tensor([1.0 if failed else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+    return failed_ranks(failed, device) > 0
 
 
 def _failure(local: BaseException | None, what: str) -> AgreedFailure:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["UnsupportedArchitectureError"]
+from lightning_hessian.distributed import AgreedFailure
+
+__all__ = ["ProbeProductError", "UnsupportedArchitectureError"]
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -10,4 +12,15 @@ class UnsupportedArchitectureError(ValueError):
 
     Raised by the embedding-principle and free-probability analyses; the callback catches it, warns once and skips
     that analysis.
+    """
+
+
+class ProbeProductError(AgreedFailure):
+    """A collective step of :class:`~lightning_hessian.operators.HessianOperator` failed on at least one rank.
+
+    Raised on every rank at once (a status all-reduce precedes each payload, see :mod:`lightning_hessian.distributed`),
+    so that no rank is left waiting in a collective; it is an :class:`~lightning_hessian.distributed.AgreedFailure`,
+    so a probe stage treats it as already agreed. The message names the step (sample count, loss, gradient, product
+    number); where the failure happened on this rank the original exception is chained as ``__cause__`` (and kept as
+    ``local``), otherwise another rank is the cause.
     """

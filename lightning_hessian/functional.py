@@ -7,14 +7,15 @@ own batches and receives the same result (the Hessian of the union of all ranks'
 
 from __future__ import annotations
 
+import operator as _operator
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.lanczos import lanczos
+from lightning_hessian.lanczos import EigenResult, lanczos
 from lightning_hessian.operators import HessianOperator, LossFn
 
 __all__ = ["ConvergenceWarning", "hessian_eigenvalues"]
@@ -35,8 +36,9 @@ def hessian_eigenvalues(
     max_hvps: int | None = None,
     which: str = "largest",
     seed: int = 0,
-    cache_graph: bool = False,
-) -> Tensor:
+    cache_graph: bool | Literal["auto"] = "auto",
+    return_result: bool = False,
+) -> Tensor | EigenResult:
     r"""The ``k`` largest (algebraic) eigenvalues of the probe-loss Hessian, in descending order.
 
     The probe loss is :math:`L = \sum_b n_b \ell_b / \sum_b n_b` over ``batches`` (``loss_fn(model, batch)`` returns
@@ -51,17 +53,25 @@ def hessian_eigenvalues(
         k: Number of eigenvalues; clamped (with a warning) to the number of trainable parameters.
         dtype: ``torch.float32`` or ``torch.float64``; None uses the parameters' dtype.
         tol: Relative Ritz residual tolerance of the solver.
-        max_hvps: Budget of Hessian-vector products; None uses the solver's default.
+        max_hvps: Budget of Hessian-vector products, at least ``min(k, num_params)``; None uses the solver's
+            default.
         which: ``"largest"`` (descending) or ``"smallest"`` (the bottom-k, ascending).
         seed: Seed of the Lanczos start vector (identical on every rank).
-        cache_graph: Keep all batches' gradient graphs between products (about 2x faster per product, memory of
-            all batches' graphs at once); see :class:`~lightning_hessian.operators.HessianOperator`.
+        cache_graph: ``"auto"`` (cache all batches' gradient graphs between products when their measured size fits
+            in memory), ``True`` or ``False``; see :class:`~lightning_hessian.operators.HessianOperator`.
+        return_result: Return the solver's :class:`~lightning_hessian.lanczos.EigenResult` (eigenvalues, residual
+            norms, products spent, convergence flag) instead of the eigenvalues alone.
+
+    ``k``, ``max_hvps`` and ``seed`` accept any integer type (Python or NumPy integers, integral floats).
 
     Returns:
-        A tensor of ``min(k, num_params)`` eigenvalues in the products' ``dtype``, on the model's device.
+        A tensor of exactly ``min(k, num_params)`` eigenvalues in the products' ``dtype``, on the model's device;
+        with ``return_result=True`` the :class:`~lightning_hessian.lanczos.EigenResult` of the solver.
 
     Raises:
-        ValueError: For ``k < 1`` or invalid operator arguments.
+        ValueError: For ``k < 1``, ``max_hvps < min(k, num_params)``, a non-integer ``seed`` or invalid operator
+            arguments.
+        ProbeProductError: If a product failed (on any rank under ``torch.distributed``).
 
     Example::
 
@@ -73,8 +83,10 @@ def hessian_eigenvalues(
         >>> hessian_eigenvalues(model, loss, [x], k=2)  # H = xᵀx / 3
         tensor([0.3333, 0.3333], dtype=torch.float64)
     """
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = _integer("k", k, minimum=1, allowed="a positive integer")
+    seed = _integer("seed", seed, minimum=None, allowed="an integer")
+    if max_hvps is not None:
+        max_hvps = _integer("max_hvps", max_hvps, minimum=1, allowed="a positive integer or None")
     operator = HessianOperator(model, loss_fn, batches, dtype=dtype, cache_graph=cache_graph)
     if k > operator.num_params:
         warnings.warn(
@@ -84,6 +96,11 @@ def hessian_eigenvalues(
             stacklevel=2,
         )
         k = operator.num_params
+    if max_hvps is not None and max_hvps < k:
+        raise ValueError(
+            f"max_hvps = {max_hvps} is smaller than the {k} eigenvalues wanted: a Krylov space of m products holds "
+            f"at most m Ritz values; pass max_hvps >= {k} (or None)"
+        )
     result = lanczos(
         operator.matvec,
         operator.num_params,
@@ -102,4 +119,26 @@ def hessian_eigenvalues(
             ConvergenceWarning,
             stacklevel=2,
         )
+    if result.eigenvalues.numel() != k:
+        raise RuntimeError(f"the solver returned {result.eigenvalues.numel()} eigenvalues instead of {k}")
+    if return_result:
+        return result
     return result.eigenvalues.to(device=operator.device, dtype=operator.dtype)
+
+
+def _integer(name: str, value: Any, *, minimum: int | None, allowed: str) -> int:
+    """``value`` as a Python int (ints, NumPy integers, integral floats), else a ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    try:
+        number = _operator.index(value)
+    except TypeError:
+        try:
+            number = int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{name} must be {allowed}, got {value!r}") from None
+        if number != value:
+            raise ValueError(f"{name} must be {allowed}, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(number)

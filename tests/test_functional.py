@@ -62,3 +62,23 @@ def test_slq_and_hutchinson_on_a_real_hessian():
     assert torch.trapezoid(quad.density(grid, sigma=0.05), grid).item() == pytest.approx(1.0, abs=1e-6)
     estimate = hutchinson_trace(operator.matvec, n, num_samples=48, seed=3)
     assert abs(estimate.value - float(torch.trace(dense))) <= 3 * estimate.stderr
+
+
+def test_return_result_budget_and_integer_types():
+    import numpy as np
+
+    from lightning_hessian import EigenResult
+
+    model, loss_fn, batches = make_case("relu_ce", seed=1)
+    reference = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batches)).flip(0)
+    result = hessian_eigenvalues(model, loss_fn, batches, k=np.int64(3), seed=np.int32(2), return_result=True)
+    assert isinstance(result, EigenResult) and result.converged and result.eigenvalues.shape == (3,)
+    assert result.num_matvecs > 0 and result.residual_norms.shape == (3,)
+    assert ((result.eigenvalues - reference[:3]).abs() / reference[:3].abs()).max() <= 1e-8
+    values = hessian_eigenvalues(model, loss_fn, batches, k=3, max_hvps=np.int64(200), cache_graph=False)
+    torch.testing.assert_close(values, result.eigenvalues, rtol=1e-8, atol=0)
+    with pytest.raises(ValueError, match="max_hvps"):
+        hessian_eigenvalues(model, loss_fn, batches, k=3, max_hvps=2)
+    for bad in ({"k": 2.5}, {"k": True}, {"seed": "a"}, {"max_hvps": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            hessian_eigenvalues(model, loss_fn, batches, **{"k": 3, **bad})

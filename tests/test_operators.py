@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_hessian.errors import ProbeProductError
 from lightning_hessian.operators import HessianOperator, batch_size, cast_batch
 from tests.cases import CASES, dense_hessian, make_case, mse_loss
 
@@ -132,8 +133,17 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="entries"):
         operator.matvec(torch.zeros(3))
     bad = HessianOperator(model, lambda m, b: m(b[0]), batches)
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ProbeProductError, match="scalar") as info:
         bad.matvec(torch.zeros(bad.num_params, dtype=torch.float64))
+    assert isinstance(info.value.__cause__, ValueError)
+    for kwargs, word in [({"cache_graph": "yes"}, "cache_graph"), ({"strategy": "magic"}, "strategy")]:
+        with pytest.raises(ValueError, match=word):
+            HessianOperator(model, loss_fn, batches, **kwargs)
+    for fraction in (0, 1.5, True):
+        with pytest.raises(ValueError, match="memory_fraction"):
+            HessianOperator(model, loss_fn, batches, memory_fraction=fraction)
+    with pytest.raises(ValueError, match="shape"):
+        operator.matmat(torch.zeros(operator.num_params + 1, 2, dtype=torch.float64))
 
 
 def test_batch_size_and_cast_batch():
@@ -160,3 +170,74 @@ def test_cached_graph_gives_the_same_products(name):
     assert cached.loss() == pytest.approx(plain.loss(), rel=1e-14)
     cast = HessianOperator(copy.deepcopy(model).float(), loss_fn, batches, dtype=torch.float64, cache_graph=True)
     torch.testing.assert_close(cast.matvec(v), plain.matvec(v), rtol=1e-5, atol=1e-6)
+
+
+def test_dataclass_batches_and_batch_size_fn():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        meta: str
+        x: torch.Tensor
+        y: torch.Tensor
+
+    x, y = torch.zeros(5, 2), torch.zeros(5, dtype=torch.long)
+    batch = Batch("m", x, y)
+    assert batch_size(batch) == 5
+    cast = cast_batch(batch, dtype=torch.float64)
+    assert isinstance(cast, Batch) and cast.x.dtype == torch.float64 and cast.y.dtype == torch.long
+    model, loss_fn, batches = make_case("tanh_mse")
+    as_dc = [Batch("b", bx, by) for bx, by in batches]
+    op = HessianOperator(model, lambda m, b: loss_fn(m, (b.x, b.y)), as_dc)
+    assert op.num_samples == sum(b[0].shape[0] for b in batches)
+    torch.testing.assert_close(op.dense(), dense_hessian(model, loss_fn, batches), rtol=1e-12, atol=1e-14)
+    # batch_size_fn overrides the count: equal weights of 1 per batch give the mean of the batch means
+    equal = HessianOperator(model, loss_fn, batches, batch_size_fn=lambda b: 1)
+    assert equal.num_samples == len(batches)
+    per_batch = [dense_hessian(model, loss_fn, [b]) for b in batches]
+    torch.testing.assert_close(equal.dense(), sum(per_batch) / len(batches), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ProbeProductError, match="batch_size_fn"):
+        HessianOperator(model, loss_fn, batches, batch_size_fn=lambda b: -1)
+
+
+@pytest.mark.parametrize("strategy", ["cached", "double_backward", "forward_over_reverse"])
+@pytest.mark.parametrize("name", ["relu_ce", "bn_tanh_ce"])
+def test_every_strategy_matvec_and_matmat_match_dense(name, strategy):
+    model, loss_fn, batches = make_case(name)
+    reference = dense_hessian(model, loss_fn, batches)
+    op = HessianOperator(model, loss_fn, batches, strategy=strategy)
+    block = torch.randn(op.num_params, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    scale = reference.abs().max()
+    assert (op.matmat(block) - reference @ block).abs().max() <= 1e-12 * scale
+    assert (op.matvec(block[:, 0]) - reference @ block[:, 0]).abs().max() <= 1e-12 * scale
+    assert op.num_products == 6 and op.strategy == strategy
+    cast = HessianOperator(copy.deepcopy(model).float(), loss_fn, batches, dtype=torch.float64, strategy=strategy)
+    assert (cast.matmat(block) - reference @ block).abs().max() <= 1e-5 * scale
+
+
+def test_auto_strategy_follows_the_memory_estimate(monkeypatch):
+    import lightning_hessian.operators as operators
+
+    model, loss_fn, batches = make_case("relu_ce")
+    roomy = HessianOperator(model, loss_fn, batches)
+    assert roomy.cache_graph == "auto" and roomy.strategy == "cached"
+    assert 0 < roomy.memory_estimate <= roomy.memory_fraction * roomy.memory_available
+    assert HessianOperator(model, loss_fn, batches, cache_graph=True).strategy == "cached"
+    assert HessianOperator(model, loss_fn, batches, cache_graph=False).strategy == operators.UNCACHED_STRATEGY
+    monkeypatch.setattr(operators, "available_memory", lambda device: roomy.memory_estimate)
+    tight = HessianOperator(model, loss_fn, batches, memory_fraction=0.5)
+    v = torch.randn(tight.num_params, dtype=torch.float64)
+    torch.testing.assert_close(tight.matvec(v), roomy.matvec(v), rtol=1e-13, atol=1e-15)
+    assert tight.strategy == operators.UNCACHED_STRATEGY and tight._graphs is None
+
+
+def test_saved_tensor_bytes_closed_form():
+    from lightning_hessian.operators import saved_tensor_bytes
+
+    w = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(11, 7, dtype=torch.float64)
+    # x @ w saves x only (w's gradient needs x; x needs no gradient); tanh saves its (11, 3) output
+    _, nbytes = saved_tensor_bytes(lambda: torch.tanh(x @ w).sum(), exclude=[w, x])
+    assert nbytes == 11 * 3 * 8
+    _, with_inputs = saved_tensor_bytes(lambda: torch.tanh(x @ w).sum())
+    assert with_inputs == 11 * 3 * 8 + x.numel() * 8
