@@ -89,10 +89,12 @@ def _ks_constant(alpha: float) -> float:
 
 
 def _as_array(values: Any, name: str) -> np.ndarray:
-    """Flat float64 copy of a tensor / array / sequence; rejects non-finite input."""
+    """1-D float64 copy of a tensor / array / sequence; rejects other shapes and non-finite input."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().double().numpy()
-    array = np.array(values, dtype=np.float64).reshape(-1)
+    array = np.array(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of eigenvalues, got an array of shape {array.shape}")
     if array.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.isfinite(array).all():
@@ -156,7 +158,7 @@ def fit_power_law(eigenvalues: Any, k: int | None = None, alpha: float = 0.05) -
         A :class:`PowerLawFit`.
 
     Raises:
-        ValueError: If the input is not finite, ``k < 3``, ``alpha`` is unsupported, fewer than 3 positive values
+        ValueError: If the input is not 1-D or not finite, ``k < 3``, ``alpha`` is unsupported, fewer than 3 positive values
             remain, or the top values are all equal (no exponent can be fitted).
     """
     _ks_constant(alpha)

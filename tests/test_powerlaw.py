@@ -87,6 +87,10 @@ def test_invalid_input():
         fit_power_law([2.0, 2.0, 2.0, 2.0])
     with pytest.raises(ValueError, match="empty"):
         fit_power_law([])
+    values = 1.0 / np.arange(1, 201)
+    for shaped in (values.reshape(20, 10), torch.from_numpy(values).reshape(2, 100), np.float64(1.0)):
+        with pytest.raises(ValueError, match="must be a 1-D sequence"):  # no silent flattening
+            fit_power_law(shaped)
 
 
 def test_spectral_gap_and_eigengaps():
