@@ -21,8 +21,12 @@ def default_loss(pl_module: pl.LightningModule, batch: Any) -> Tensor:
     ``training_step(batch, 0)`` is called with ``pl_module.log``/``log_dict`` silenced (the probe never pollutes the
     module's logged metrics); its return value must be the batch-mean loss as a Tensor or a dict with key ``"loss"``.
     It runs in eval mode (dropout off, BatchNorm on running statistics) inside a functional call whose parameters are
-    the probe's copies. Define ``hessian_loss(self, batch) -> Tensor`` (or pass ``loss_fn``) when ``training_step``
-    adds regularisers, updates torchmetrics or other state, uses manual optimisation, or returns ``None``.
+    the probe's copies. Side effects are undone: every probe snapshots the module's state (attributes of every
+    submodule, torchmetrics ``Metric`` states, buffers) and restores it afterwards
+    (:class:`~lightning_hessian.callback.state.ModuleSnapshot`), warning once when a call changed a tensor in place
+    that could not be restored. Define ``hessian_loss(self, batch) -> Tensor`` (or pass ``loss_fn``) when
+    ``training_step`` adds regularisers that are not part of the training loss you want probed, uses manual
+    optimisation, or returns ``None``.
 
     Raises:
         ProbeFailure: if ``training_step`` returns no loss.
