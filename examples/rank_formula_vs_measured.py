@@ -54,8 +54,10 @@ def main() -> None:
             if bias and not has_bias:
                 predicted = None
             else:
-                kwargs = {"bias": True} if bias else {}
-                predicted = linear_hessian_rank(widths, min(n, widths[0]), **kwargs)
+                rank = int(torch.linalg.matrix_rank(x))
+                augmented = int(torch.linalg.matrix_rank(torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)))
+                kwargs = {"bias": True, "augmented_rank": augmented} if bias else {}
+                predicted = linear_hessian_rank(widths, rank, **kwargs)
             pred = (
                 "-"
                 if predicted is None
