@@ -3,7 +3,8 @@
 A 64 -> 50 -> 50 -> 10 ReLU MLP (6,310 parameters, the setting of the issue's evidence) trains with SGD while
 ``HessianSpectrum`` probes the Hessian of the training loss on 1,024 training samples: cheap metrics (sharpness,
 gap, trace, top-8 subspace overlap) every epoch with a warm start, the full top-200 power-law test every 10 epochs.
-Before training, the same test runs once on the random initialisation for contrast (it must reject). Two
+The callback's probe at initialisation (``probe_at_init=True``, the default) runs the same test on the random network
+before any optimizer step, Xie et al.'s negative control (it must reject). Two
 ``EarlyStopping`` monitors use the spectral keys: a stability guard (``lambda_max > 2/lr`` means gradient descent is
 beyond the edge of stability) and a power-law plateau (``ks_distance`` not improving for 2 full probes = 20 epochs).
 
@@ -28,17 +29,21 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hessian import HessianOperator, fit_power_law, lanczos
 from lightning_hessian.callback import HessianSpectrum
 
 
 class DigitsMLP(pl.LightningModule):
-    def __init__(self, width: int = 50, lr: float = 0.05, momentum: float = 0.9) -> None:
+    """64 -> width (x depth, ReLU) -> 10 classifier on digits."""
+
+    def __init__(self, width: int = 50, lr: float = 0.05, momentum: float = 0.9, depth: int = 2) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
-        )
+        layers: list[nn.Module] = []
+        d_in = 64
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, width), nn.ReLU()]
+            d_in = width
+        self.net = nn.Sequential(*layers, nn.Linear(d_in, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -73,17 +78,6 @@ def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, Dat
     )
 
 
-def random_init_test(model: DigitsMLP, loader: DataLoader, k: int, samples: int) -> str:
-    """The same top-k power-law test on the untrained network (the negative control)."""
-    ds = loader.dataset
-    batches = [(ds.tensors[0][i : i + 256], ds.tensors[1][i : i + 256]) for i in range(0, samples, 256)]
-    op = HessianOperator(model, lambda m, b: m.hessian_loss(b), batches)
-    result = lanczos(op.matvec, op.num_params, k, tol=1e-6, seed=0, dtype=op.dtype)
-    fit = fit_power_law(result.eigenvalues, alpha=0.05)
-    verdict = "power law" if fit.is_power_law else "NOT power law"
-    return f"d_ks = {fit.ks_distance:.4f} vs d_c = {fit.ks_critical:.4f} -> {verdict} ({result.num_matvecs} HVPs)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
@@ -101,7 +95,6 @@ def main() -> None:
     model = DigitsMLP()
     n = sum(p.numel() for p in model.parameters())
     print(f"digits MLP: {n} parameters, {len(train.dataset)} training samples")
-    print(f"random init, top-{args.top_k}: {random_init_test(model, train, args.top_k, args.probe_samples)}")
 
     spectrum = HessianSpectrum(
         top_k=args.top_k,
@@ -134,12 +127,20 @@ def main() -> None:
     seconds = time.perf_counter() - start
 
     probes = spectrum.history
+    init = next((h for h in probes if h.get("init")), None)
+    if init is not None:
+        m = init["metrics"]
+        verdict = "power law" if m.get("hessian/is_power_law") == 1.0 else "NOT power law"
+        print(
+            f"\nrandom init (probe at initialisation), top-{args.top_k}: d_ks = {m['hessian/ks_distance']:.4f} vs "
+            f"d_c = {m['hessian/ks_critical']:.4f} -> {verdict} ({int(m['hessian/hvps'])} HVPs)"
+        )
     probe_seconds = sum(h["metrics"].get("hessian/probe_seconds", 0.0) for h in probes)
     print(
-        f"\ntrained {trainer.current_epoch} epochs in {seconds:.1f} s, of which {probe_seconds:.1f} s in "
+        f"trained {trainer.current_epoch} epochs in {seconds:.1f} s, of which {probe_seconds:.1f} s in "
         f"{len(probes)} probes ({sum(h['full'] for h in probes)} full)"
     )
-    last_full = next((h for h in reversed(probes) if h["full"]), None)
+    last_full = next((h for h in reversed(probes) if h["full"] and not h.get("init")), None)
     print("final metrics:")
     for key, value in sorted(trainer.callback_metrics.items()):
         print(f"  {key:32s} {float(value):.6g}")
