@@ -113,8 +113,11 @@ def main() -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="xie")
     parser.add_argument("--label-noise", action="store_true", help="also train on 40%% / 80%% noisy labels")
     parser.add_argument("--figure", default=None, help="rank plot of the spectra of the first seed (matplotlib)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these settings (names as printed)")
     args = parser.parse_args()
     settings = {**SETTINGS, **(NOISE_SETTINGS if args.label_noise else {})}
+    if args.only:
+        settings = {name: value for name, value in settings.items() if name in args.only}
     spectra: dict[str, torch.Tensor] = {}
     torch.set_num_threads(1)
     ks = [50, 100, 150, 200, 300, 400, 500, 700, 1000]
