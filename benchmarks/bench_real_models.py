@@ -105,14 +105,71 @@ def measure(name: str, quick: bool, repeats: int) -> dict[str, Any]:
     return row
 
 
-def solver_rows(op: HessianOperator, k: int) -> dict[str, float] | None:
-    """PLACEHOLDER for the lead: probe seconds / (HVPs x s/HVP) of a top-``k`` Lanczos run on ``op``.
+def make_mlp1m(quick: bool) -> tuple[nn.Module, Callable, list]:
+    """A ~1.07e6-parameter MLP 784-1024-256-10 (tanh), 2 x 256 random samples (the issue's 1e6-parameter MLP)."""
+    torch.manual_seed(0)
+    width = 128 if quick else 1024
+    model = nn.Sequential(nn.Linear(784, width), nn.Tanh(), nn.Linear(width, 256), nn.Tanh(), nn.Linear(256, 10))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 784, generator=gen), torch.randint(0, 10, (512,), generator=gen)
+    return model, ce_loss, [(x[:256], y[:256]), (x[256:], y[256:])]
 
-    Uses ``lanczos(..., matmat=op.matmat)`` only if the solver has that parameter. Returns None until filled in.
+
+MODELS["mlp1m"] = make_mlp1m
+
+
+def solver_rows(
+    name: str, quick: bool, ks: tuple[int, ...] = (20, 200), blocks: tuple[int, ...] = (1, 4, 8), tol: float = 1e-4
+) -> list[dict[str, Any]]:
+    """Solver overhead on a real operator: probe seconds / (HVPs x s/HVP) of top-``k`` runs, per block size.
+
+    For each block size ``b`` the unit is the measured seconds per product *of that kind* (``matvec`` for ``b = 1``,
+    ``matmat`` of ``b`` columns divided by ``b`` otherwise), timed in the same process just before the run; a ratio
+    of 1.0 means the solver costs nothing beyond its products. ``single`` is the previous single-vector solver
+    (``_single_vector_lanczos``, matvec), for the HVP counts. Returns one row per (k, solver).
     """
-    if "matmat" not in inspect.signature(lanczos).parameters:
-        return None
-    return None  # to be filled in once the new solver lands
+    from lightning_hessian.lanczos import _single_vector_lanczos
+
+    model, loss_fn, batches = MODELS[name](quick)
+    op = HessianOperator(model, loss_fn, batches)
+    n = op.num_params
+    gen = torch.Generator().manual_seed(1)
+    unit = {1: timed(lambda: op.matvec(torch.randn(n, generator=gen)), 3)}
+    for b in blocks:
+        if b > 1:
+            unit[b] = timed(lambda b=b: op.matmat(torch.randn(n, b, generator=gen)), 2) / b
+    rows = []
+    for k in ks:
+        runs = [("single", 1)] if k <= 20 else []
+        runs += [("block", b) for b in blocks]
+        for solver, b in runs:
+            start = time.perf_counter()
+            if solver == "single":
+                result = _single_vector_lanczos(op.matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000)
+            else:
+                result = lanczos(
+                    op.matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000,
+                    matmat=op.matmat if b > 1 else None, block_size=b,
+                )  # fmt: skip
+            seconds = time.perf_counter() - start
+            rows.append(
+                {
+                    "model": name, "params": n, "k": k, "solver": solver, "block": b, "hvps": result.num_matvecs,
+                    "seconds": seconds, "s_per_hvp": unit[b], "ratio": seconds / (result.num_matvecs * unit[b]),
+                    "converged": result.converged, "rss_mib": peak_rss_mib(),
+                }
+            )  # fmt: skip
+    return rows
+
+
+def print_solver_rows(rows: list[dict[str, Any]]) -> None:
+    print("\n| model | params | k | solver | block | HVPs | seconds | s/HVP (that kind) | ratio | converged | RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['params']:,} | {r['k']} | {r['solver']} | {r['block']} | {r['hvps']} | "
+            f"{r['seconds']:.2f} | {r['s_per_hvp']:.4f} | {r['ratio']:.2f} | {r['converged']} | {r['rss_mib']:.0f} |"
+        )
 
 
 def fit_overhead_rows() -> dict[str, float] | None:
