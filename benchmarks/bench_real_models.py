@@ -22,7 +22,6 @@ Run: ``python benchmarks/bench_real_models.py [--quick] [--threads N] [--models 
 from __future__ import annotations
 
 import argparse
-import inspect
 import resource
 import statistics
 import time
@@ -163,7 +162,7 @@ def solver_rows(
 
 
 def print_solver_rows(rows: list[dict[str, Any]]) -> None:
-    print("\n| model | params | k | solver | block | HVPs | seconds | s/HVP (that kind) | ratio | converged | RSS MiB |")
+    print("\n| model | params | k | solver | block | HVPs | seconds | s/HVP (that kind) | ratio | converged | RSS MiB")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

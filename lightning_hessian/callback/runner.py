@@ -262,7 +262,8 @@ class ProbeRunner:
         batches = self.probe_set.batches
         count_fn = c.batch_size_fn if c.batch_size_fn is not None else batch_size
         local = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # [sum n_b l_b, sum n_b]
-        with torch.no_grad(), evaluation_mode(pl_module), probe_forward_context(pl_module), uncompiled(pl_module) as root:
+        forward = (torch.no_grad(), evaluation_mode(pl_module), probe_forward_context(pl_module))
+        with forward[0], forward[1], forward[2], uncompiled(pl_module) as root:
             for batch in batches:
                 count = int(count_fn(batch))
                 value = loss_fn(root, batch)
@@ -366,8 +367,11 @@ class ProbeRunner:
         return min(self.block, k)
 
     def _warm_start(self, n: int, k: int, full: bool, block: int, ctx: ProbeContext) -> Tensor | None:
-        """The previous probe's tracked subspace: the whole block for the cheap probe; the full probe takes its
-        first ``block`` vectors (their sum with single-vector products, so the block size stays the chosen one)."""
+        """Warm start: the previous probe's tracked subspace.
+
+        The cheap probe starts from the whole block; the full probe from its first ``block`` vectors (their sum with
+        single-vector products, so the block size stays the chosen one).
+        """
         if self.vectors is None or self.vectors.shape[0] != n:
             return None
         cols = min(self.vectors.shape[1], k) if not full else min(self.vectors.shape[1], block)

@@ -249,8 +249,8 @@ class HessianSpectrum(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         # "pending": a checkpoint taken during a probe (OnExceptionCheckpoint): the resumed fit runs it first
-        history = [dict(h) for h in self.history]
-        return {"history": history, **self._schedule.state_dict(), **self._runner.state_dict(), "pending": self._pending}
+        state = {"history": [dict(h) for h in self.history], **self._schedule.state_dict()}
+        return {**state, **self._runner.state_dict(), "pending": self._pending}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
