@@ -8,7 +8,8 @@ top-8 Ritz pairs that the callback's cheap probe computes anyway (so its 16 samp
 The *callback path* rows run the digits example itself (``examples/digits_power_law.py``'s DigitsMLP, SGD lr 0.05
 momentum 0.9, 1,024 probe samples) through :class:`~lightning_hessian.callback.HessianSpectrum` for 10 epochs with
 5 seeds and compare the last cheap probe's ``hessian/trace`` with the exact trace of that probe set at the final
-weights, and report the HVPs of the settled cheap probes (epochs 5-9) and the top-8 eigenvalue error against a
+weights (only cheap probes: ``powerlaw_every_n_epochs=None, probe_at_init=False``, each warm-started from the
+previous one), and report the HVPs of the settled cheap probes (epochs 5-9) and the top-8 eigenvalue error against a
 tight (tol 1e-10) float64 solve, for each ``cheap_tol``.
 
 Run: ``python benchmarks/bench_trace.py [--callback-only]`` (a few minutes on one thread).
@@ -125,7 +126,8 @@ def callback_rows(cheap_tols: tuple[float | None, ...] = (None, 1e-3), seeds: in
             train, _ = digits_loaders(seed=seed)
             spectrum = HessianSpectrum(
                 top_k=200, probe_samples=1024, seed=seed, density=False, jacobian=False, embedding=False,
-                max_overhead=None, cheap_tol=cheap_tol, near_zero=False,
+                max_overhead=None, cheap_tol=cheap_tol, near_zero=False, powerlaw_every_n_epochs=None,
+                probe_at_init=False,
             )  # fmt: skip
             trainer = pl.Trainer(
                 max_epochs=epochs, callbacks=[spectrum], logger=False, enable_progress_bar=False,

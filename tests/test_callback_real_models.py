@@ -153,3 +153,43 @@ def test_callback_lambda_max_matches_functional(name):
         _fit(twin, data, [])
         for (key, a), (_, b) in zip(module.state_dict().items(), twin.state_dict().items()):
             assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("subspace", [False, True])
+def test_checkpoint_holds_one_vector_by_default(subspace):
+    torch.manual_seed(0)
+    net, loss_fn, data = _resnet()
+    module = Wrapped(net, loss_fn)
+    spectrum = HessianSpectrum(
+        top_k=3, num_tracked=3, probe_samples=8, density=False, jacobian=False, embedding=False, probe_at_init=False,
+        powerlaw_every_n_epochs=None, trace_samples=2, tol=1e-3, max_overhead=None, checkpoint_subspace=subspace,
+    )  # fmt: skip
+    _fit(module, data, [spectrum])
+    n = sum(p.numel() for p in module.parameters())
+    stored = spectrum.state_dict()["ritz_vectors"]
+    assert stored.dtype == torch.float32 and stored.shape == (n, 3 if subspace else 1)
+    torch.testing.assert_close(stored[:, 0], spectrum._runner.vectors[:, 0])
+    fresh = HessianSpectrum(checkpoint_subspace=subspace)
+    fresh.load_state_dict(spectrum.state_dict())
+    assert fresh._runner.vectors.shape == stored.shape
+
+
+def test_block_budget_counts_columns_and_refuses_a_block_past_max_hvps():
+    from lightning_hessian.callback.analyses import ProbeBudget, ProbeFailure
+    from lightning_hessian.operators import HessianOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    op = HessianOperator(model, _ce_loss, [(x, y)])
+    seen = []
+    budget = ProbeBudget(op.device, 10, None, "t", heartbeat=False, on_hvp=seen.append)
+    matmat, matvec = budget.bind_block(op), budget.bind(op)
+    block = torch.randn(op.num_params, 4, dtype=torch.float64)
+    torch.testing.assert_close(matmat(block), torch.stack([op.matvec(c) for c in block.T], dim=1))
+    matvec(block[:, 0])
+    assert budget.hvps == 5 and seen == [4, 5]
+    matmat(block)
+    with pytest.raises(ProbeFailure, match="max_hvps=10"):
+        matmat(block)  # 9 + 4 > 10: refused whole
+    assert budget.hvps == 9

@@ -94,7 +94,7 @@ class ProbeConfig:
     per_layer: bool = False
     nan_on_failure: bool = True
     tensorboard: bool = True
-    max_overhead: float | None = None
+    max_overhead: float | None = 0.2
     jacobian: bool = True
     embedding: bool = True
     near_zero: bool = True

@@ -31,10 +31,10 @@ What a key holds (EarlyStopping reads ``trainer.callback_metrics``, which keeps 
 Every key the configuration computes is logged by the first probe, which runs on the first call of the hook, so an
 ``EarlyStopping(strict=True)`` finds its key at its first check when both run at the same hook.
 
-Overhead guard (``max_overhead``, off by default so that probes run exactly on schedule): when set, scheduled probes
-beyond the first are skipped (keys stay stale, as on epochs without a probe) while the probes' cumulative time exceeds
-``max_overhead`` times the training time, so the overhead stays near ``max_overhead / (1 + max_overhead)`` of the fit
-on any data set size (recommended for long runs on large data sets, e.g. 0.25).
+Overhead guard (``max_overhead``, default 0.2): scheduled probes beyond the first are skipped (keys stay stale, as on
+epochs without a probe) while the probes' cumulative time exceeds ``max_overhead`` times the training time, so the
+overhead stays near ``max_overhead / (1 + max_overhead)`` of the fit on any data set size; ``max_overhead=None``
+probes exactly on schedule (cost-blind).
 
 Further analyses (typed on/off switches, each computed when the architecture is supported and skipped with one
 warning otherwise): ``jacobian`` (free-probability law of the input-output JᵀJ vs its measured spectrum, Chhaibi et
@@ -127,7 +127,9 @@ class HessianSpectrum(Callback):
             probes' cumulative wall time exceeds ``max_overhead`` times the training time (everything between the
             hooks), so probing costs at most about ``max_overhead / (1 + max_overhead)`` of the fit (20% at 0.25)
             whatever the data set size; a full probe that falls due waits for the budget. The decision is taken by
-            the slowest rank. ``None`` (default) probes exactly on schedule (reproducible epochs).
+            the slowest rank. Default 0.2: probes stay near 1/6 of the fit on any data size (plus the fixed cost of
+            the first probe and of ``probe_at_init``). ``None`` probes exactly on schedule (cost-blind,
+            reproducible epochs).
         jacobian: on full probes, log the free-probability prediction of the input-output Jacobian law (Chhaibi,
             Daouda & Kahn 2022) of the module's MLP with its actual weights: ``jacobian/fpt_q10`` ...
             ``jacobian/fpt_q90`` (quantiles of the law's non-zero part), ``jacobian/atom_at_zero``,
@@ -157,8 +159,8 @@ class HessianSpectrum(Callback):
         max_basis_bytes: memory budget of the Lanczos basis (``None``: the solver's default, 25% of the free memory,
             at most 32 GiB); a smaller basis restarts more often. The full probe keeps its top-K Ritz vectors for
             the next full probe's warm start only when they fit in this budget too.
-        block_size: vectors per block product of the solver; ``None`` chooses at the first probe from one timed
-            single and one timed block product (see :meth:`ProbeRunner.choose_block_size`).
+        block_size: vectors per block product of the solver; ``None``: 1 on CPU, on accelerators chosen at the
+            first probe from one timed single and one timed block product (``ProbeRunner.choose_block_size``).
         cheap_tol: residual tolerance of the cheap probe's top-``num_tracked`` solve (``None``: ``tol``).
         checkpoint_subspace: store the whole tracked subspace (``num_tracked`` float32 vectors) in checkpoints; by
             default only the top Ritz vector is stored (a checkpoint grows by one vector of P floats), so the first
@@ -201,7 +203,7 @@ class HessianSpectrum(Callback):
         per_layer: bool = False,
         nan_on_failure: bool = True,
         tensorboard: bool = True,
-        max_overhead: float | None = None,
+        max_overhead: float | None = 0.2,
         jacobian: bool = True,
         embedding: bool = True,
         near_zero: bool = True,
