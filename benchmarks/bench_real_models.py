@@ -13,16 +13,17 @@ seconds per product of each strategy (``cached``, ``double_backward``, ``forward
 a block of 8 (``op.matmat``), the strategy ``cache_graph="auto"`` chooses, and the peak RSS. Timings are the median
 of a few repeats after a warm-up; on a shared machine they are noisy, the ratios (taken in the same run) less so.
 
-Solver rows (probe seconds / (HVPs x s/HVP) for top-20 and top-200) and fit-overhead rows are left to
-:func:`solver_rows` and :func:`fit_overhead_rows`.
+Solver rows (:func:`solver_rows`, ``--solver mlp1m``: probe seconds / (HVPs x s/HVP) for top-20 and top-200 per
+block size, and the previous single-vector solver) and the fit overhead of the default schedule
+(:func:`fit_overhead_rows`: measured step and HVP seconds, extrapolated to 100 epochs of 50,000 samples).
 
-Run: ``python benchmarks/bench_real_models.py [--quick] [--threads N] [--models mlp,resnet,transformer]``
+Run: ``python benchmarks/bench_real_models.py [--quick] [--threads N] [--models mlp,resnet,transformer]
+[--solver mlp1m]``
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import resource
 import statistics
 import time
@@ -105,19 +106,168 @@ def measure(name: str, quick: bool, repeats: int) -> dict[str, Any]:
     return row
 
 
-def solver_rows(op: HessianOperator, k: int) -> dict[str, float] | None:
-    """PLACEHOLDER for the lead: probe seconds / (HVPs x s/HVP) of a top-``k`` Lanczos run on ``op``.
+def make_mlp1m(quick: bool) -> tuple[nn.Module, Callable, list]:
+    """A ~1.07e6-parameter MLP 784-1024-256-10 (tanh), 2 x 256 random samples (the issue's 1e6-parameter MLP)."""
+    torch.manual_seed(0)
+    width = 128 if quick else 1024
+    model = nn.Sequential(nn.Linear(784, width), nn.Tanh(), nn.Linear(width, 256), nn.Tanh(), nn.Linear(256, 10))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 784, generator=gen), torch.randint(0, 10, (512,), generator=gen)
+    return model, ce_loss, [(x[:256], y[:256]), (x[256:], y[256:])]
 
-    Uses ``lanczos(..., matmat=op.matmat)`` only if the solver has that parameter. Returns None until filled in.
+
+MODELS["mlp1m"] = make_mlp1m
+
+
+def solver_rows(
+    name: str, quick: bool, ks: tuple[int, ...] = (20, 200), blocks: tuple[int, ...] = (1, 4, 8), tol: float = 1e-4
+) -> list[dict[str, Any]]:
+    """Solver overhead on a real operator: probe seconds / (HVPs x s/HVP) of top-``k`` runs, per block size.
+
+    For each block size ``b`` the unit is the measured seconds per product *of that kind* (``matvec`` for ``b = 1``,
+    ``matmat`` of ``b`` columns divided by ``b`` otherwise), timed in the same process just before the run; a ratio
+    of 1.0 means the solver costs nothing beyond its products. ``single`` is the previous single-vector solver
+    (``_single_vector_lanczos``, matvec), for the HVP counts. Returns one row per (k, solver).
     """
-    if "matmat" not in inspect.signature(lanczos).parameters:
-        return None
-    return None  # to be filled in once the new solver lands
+    from lightning_hessian.lanczos import _single_vector_lanczos
+
+    model, loss_fn, batches = MODELS[name](quick)
+    op = HessianOperator(model, loss_fn, batches)
+    n = op.num_params
+    gen = torch.Generator().manual_seed(1)
+    unit = {1: timed(lambda: op.matvec(torch.randn(n, generator=gen)), 3)}
+    for b in blocks:
+        if b > 1:
+            unit[b] = timed(lambda b=b: op.matmat(torch.randn(n, b, generator=gen)), 2) / b
+    rows = []
+    for k in ks:
+        runs = [("single", 1)] if k <= 20 else []
+        runs += [("block", b) for b in blocks]
+        for solver, b in runs:
+            start = time.perf_counter()
+            if solver == "single":
+                result = _single_vector_lanczos(op.matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000)
+            else:
+                result = lanczos(
+                    op.matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000,
+                    matmat=op.matmat if b > 1 else None, block_size=b,
+                )  # fmt: skip
+            seconds = time.perf_counter() - start
+            rows.append(
+                {
+                    "model": name, "params": n, "k": k, "solver": solver, "block": b, "hvps": result.num_matvecs,
+                    "seconds": seconds, "s_per_hvp": unit[b], "ratio": seconds / (result.num_matvecs * unit[b]),
+                    "converged": result.converged, "rss_mib": peak_rss_mib(),
+                }
+            )  # fmt: skip
+    return rows
 
 
-def fit_overhead_rows() -> dict[str, float] | None:
-    """PLACEHOLDER for the lead: power-law / analysis fit overhead per probe. Returns None until filled in."""
-    return None
+def print_solver_rows(rows: list[dict[str, Any]]) -> None:
+    print("\n| model | params | k | solver | block | HVPs | seconds | s/HVP (that kind) | ratio | converged | RSS MiB")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['params']:,} | {r['k']} | {r['solver']} | {r['block']} | {r['hvps']} | "
+            f"{r['seconds']:.2f} | {r['s_per_hvp']:.4f} | {r['ratio']:.2f} | {r['converged']} | {r['rss_mib']:.0f} |"
+        )
+
+
+def fit_overhead_rows(
+    width: int = 16,
+    probe_samples: int = 512,
+    epoch_samples: int = 50_000,
+    epochs: int = 100,
+    batch: int = 32,
+    cheap_hvps: int = 56,
+    full_hvps: int = 1250 + 256,
+    max_overhead: float | None = 0.2,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Fit overhead of the default schedule on a ResNet-style CNN: MEASURED step and HVP seconds, EXTRAPOLATED fit.
+
+    Measured here (one process, side by side): seconds of one SGD step on ``batch`` CIFAR-shaped images
+    (:class:`~lightning_hessian.demos.ResNetCNN`, BatchNorm, train mode) and seconds per HVP on the default probe set
+    (``probe_samples`` images, ``cache_graph="auto"``). Extrapolated: a fit of ``epochs`` epochs of
+    ``epoch_samples`` samples with the default schedule (a probe per epoch, a full probe every 10 epochs and at
+    initialisation) at ``cheap_hvps`` / ``full_hvps`` HVPs per cheap / full probe (the digits figures: cheap 32-56
+    with warm starts, full top-200 900-1250 plus 256 for the density), without and with the overhead guard
+    (``max_overhead``: probes beyond the first run only while probe time <= max_overhead x training time).
+    """  # fmt: skip
+    torch.manual_seed(0)
+    model = demos.ResNetCNN(width=width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    (x, y), *_ = demos.image_batches(1, batch, seed=1)
+
+    def step() -> None:
+        opt.zero_grad()
+        ce_loss(model, (x, y)).backward()
+        opt.step()
+
+    model.train()
+    step_s = timed(step, repeats)
+    probe = demos.image_batches(max(1, probe_samples // batch), batch, seed=2)
+    op = HessianOperator(model, ce_loss, probe)
+    v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
+    hvp_s = timed(lambda: op.matvec(v), repeats)
+    steps = epochs * epoch_samples / batch
+    train_s = steps * step_s
+    cheap_s, full_s = cheap_hvps * hvp_s, full_hvps * hvp_s
+    fulls = epochs // 10
+    exact_s = full_s * (1 + fulls) + cheap_s * (epochs - fulls)
+    guarded_s = exact_s if max_overhead is None else min(exact_s, 2 * full_s + max_overhead * train_s)
+    return {
+        "params": op.num_params, "strategy": op.strategy, "step_s": step_s, "hvp_s": hvp_s, "epoch_s": train_s / epochs,
+        "cheap_s": cheap_s, "full_s": full_s, "train_s": train_s, "exact_share": exact_s / (exact_s + train_s),
+        "guarded_share": guarded_s / (guarded_s + train_s), "init_share": full_s / (full_s + train_s),
+    }  # fmt: skip
+
+
+_RSS_CHILD = """
+import resource, sys, torch
+from torch import nn
+from lightning_hessian import lanczos
+from lightning_hessian.operators import HessianOperator
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(3072, 896), nn.Tanh(), nn.Linear(896, 128), nn.Tanh(), nn.Linear(128, 10))
+x, y = torch.randn(256, 3072), torch.randint(0, 10, (256,))
+loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+op = HessianOperator(model, loss, [(x[:128], y[:128]), (x[128:], y[128:])])
+budget = None if sys.argv[1] == "default" else int(float(sys.argv[1]))
+r = lanczos(op.matvec, op.num_params, 200, tol=1e-4, dtype=torch.float32, max_matvecs=int(sys.argv[2]),
+            return_eigenvectors=True, max_basis_bytes=budget)
+print(op.num_params, r.basis_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss_top200(budgets: tuple[str, ...] = ("default", "2.6e9"), products: int = 40) -> list[tuple[str, ...]]:
+    """Peak RSS (``ru_maxrss`` of a fresh subprocess) of a top-200 solve on a ~2.9M-parameter MLP.
+
+    The run is truncated after ``products`` HVPs: the basis is allocated (and zero-filled) at the start, so the peak
+    is reached by then unless a restart's rotation chunk adds its ``(rows, 64 MiB)`` temporary. Returns
+    ``(budget, params, basis bytes, peak RSS bytes)`` per ``max_basis_bytes``.
+    """
+    import subprocess
+    import sys
+
+    out = []
+    for budget in budgets:
+        res = subprocess.run(
+            [sys.executable, "-c", _RSS_CHILD, budget, str(products)], capture_output=True, text=True, check=True
+        )
+        out.append((budget, *res.stdout.split()))
+    return out
+
+
+def print_fit_overhead(r: dict[str, float], width: int = 16) -> None:
+    print(
+        f"\nfit overhead, ResNetCNN(width={width}) {r['params']:,} params, HVP strategy {r['strategy']}: MEASURED "
+        f"step {r['step_s']:.4f} s (32 images), HVP {r['hvp_s']:.3f} s (512 probe images); EXTRAPOLATED to 100 "
+        f"epochs x 50,000 samples: epoch {r['epoch_s']:.0f} s, cheap probe {r['cheap_s']:.0f} s, full probe "
+        f"{r['full_s']:.0f} s; probe share of the fit: exact schedule (max_overhead=None) {r['exact_share']:.1%}, "
+        f"default max_overhead=0.2 {r['guarded_share']:.1%} (of which the init probe alone {r['init_share']:.1%})"
+    )
 
 
 def main() -> None:
@@ -125,7 +275,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="mlp,resnet,transformer")
+    parser.add_argument("--solver", default="", help="models for the solver rows, e.g. mlp1m,resnet (slow)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [measure(name, args.quick, args.repeats) for name in args.models.split(",")]
@@ -142,8 +293,13 @@ def main() -> None:
         cells += [f"{r[f'{s}_block_s']:.4f} ({r[f'{s}_block_s'] / g:.2f})" for s in STRATEGIES]
         cells += [r["auto"], f"{r['rss_mib']:.0f}"]
         print("| " + " | ".join(cells) + " |")
-    for name in ("solver (top-20, top-200)", "fit overhead"):
-        print(f"\n{name}: not measured yet (see solver_rows / fit_overhead_rows)")
+    if args.solver:
+        print_solver_rows([r for name in args.solver.split(",") for r in solver_rows(name, args.quick)])
+    print_fit_overhead(fit_overhead_rows(width=8 if args.quick else 16), 8 if args.quick else 16)
+    if not args.quick:
+        print("\n| top-200, max_basis_bytes | params | basis bytes | peak RSS (truncated run) |\n|---|---|---|---|")
+        for budget, params, basis, rss in peak_rss_top200():
+            print(f"| {budget} | {int(params):,} | {int(basis) / 2**30:.2f} GiB | {int(rss) / 2**30:.2f} GiB |")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ class EigenResult:
         num_restarts: Thick restarts performed.
         block_size: Block size used.
         basis_bytes: Bytes of the Krylov basis that was allocated.
+        basis_values: With ``return_basis``: ``(p,)`` float64 Ritz values of the whole final Rayleigh-Ritz
+            projection :math:`T = V_p^\top A V_p` over the ``p`` multiplied basis vectors (descending for
+            ``"largest"``), else ``None``.
+        basis_vectors: With ``return_basis``: the ``(n, p)`` orthonormal Ritz vectors :math:`V_p S` of those values,
+            so that :math:`(V_p S)^\top A (V_p S) = \operatorname{diag}(\theta)` up to rounding: a deflation basis
+            whose exact trace costs no product (:func:`~lightning_hessian.trace.deflated_trace`), else ``None``.
     """
 
     eigenvalues: Tensor
@@ -75,6 +81,8 @@ class EigenResult:
     num_restarts: int = 0
     block_size: int = 1
     basis_bytes: int = 0
+    basis_values: Tensor | None = None
+    basis_vectors: Tensor | None = None
 
 
 def random_block(
@@ -288,6 +296,16 @@ class _BlockKrylov:
         self.restarts += 1
 
 
+def _combine(rows: _Rows, p: int, coeffs: Tensor) -> Tensor:
+    """``V[:p].T @ coeffs`` as a new ``(n, c)`` tensor, accumulated segment by segment (no basis-sized temporary)."""
+    out = None
+    for off, view in rows.parts(0, p):
+        part = view.T @ coeffs[off : off + view.shape[0]]
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out
+
+
 def _keep(k: int, p: int, q: int, rows: int, block: int) -> int:
     """Ritz vectors kept at a restart: ``k`` plus about half of the free room, leaving whole blocks to grow."""
     room = max(block, (rows - q - k) // 2 // block * block)
@@ -333,6 +351,7 @@ def block_lanczos(
     start: Tensor | None = None,
     return_eigenvectors: bool = False,
     max_basis_bytes: int | None = None,
+    return_basis: bool = False,
 ) -> EigenResult:
     r"""Extreme eigenpairs by block thick-restart Lanczos (see the module docstring for the method).
 
@@ -355,6 +374,8 @@ def block_lanczos(
         return_eigenvectors: Also return the ``(n, k)`` Ritz vectors.
         max_basis_bytes: Memory budget of the basis and work blocks; default 25% of the available memory of
             ``device`` (capped at 32 GiB).
+        return_basis: Also return the Ritz pairs of the whole final projection (``basis_values``,
+            ``basis_vectors``: ``p`` vectors of ``n`` entries, a new tensor; rows of the basis beyond them are freed).
 
     Returns:
         An :class:`EigenResult`.
@@ -438,6 +459,11 @@ def block_lanczos(
             saved = (theta[:k].clone(), residuals[:k].clone())
             krylov.restart(theta, coeffs, keep=k, fresh=True)
             coeffs = None
+    basis_values = basis_vectors = None
+    if return_basis:  # every Ritz pair of the final projection T[:p, :p] (before the rows are rotated below)
+        all_theta, all_coeffs = krylov.ritz()[:2]
+        basis_values = sign * all_theta
+        basis_vectors = _combine(krylov.V, krylov.p, all_coeffs.to(device=krylov.device, dtype=dtype))
     if coeffs is not None:  # rotate the wanted Ritz vectors into rows 0..wanted-1
         krylov.V.rotate(krylov.p, coeffs[:, :wanted].to(device=krylov.device, dtype=dtype))
     vectors = None
@@ -453,4 +479,6 @@ def block_lanczos(
         num_restarts=krylov.restarts,
         block_size=block,
         basis_bytes=basis_bytes,
+        basis_values=basis_values,
+        basis_vectors=basis_vectors,
     )

@@ -170,6 +170,7 @@ def lanczos(
     matmat: MatMat | None = None,
     block_size: int | None = None,
     max_basis_bytes: int | None = None,
+    return_basis: bool = False,
 ) -> EigenResult:
     r"""Extreme eigenpairs of a symmetric operator by block thick-restart Lanczos (BLAS-3, bounded memory).
 
@@ -209,6 +210,8 @@ def lanczos(
         block_size: Block size ``b``; default ``min(k, 4)`` with ``matmat`` (else 1: a block of columnwise matvecs
             costs more products for the same accuracy), raised to the columns of ``start``.
         max_basis_bytes: Memory budget of the basis in bytes (see above).
+        return_basis: Also return every Ritz pair of the final Rayleigh-Ritz projection
+            (``EigenResult.basis_values`` / ``basis_vectors``, e.g. for a deflated trace at no product).
 
     Returns:
         An :class:`EigenResult`; ``converged`` is ``False`` when the budget ran out first (the values are then the
@@ -234,6 +237,7 @@ def lanczos(
         start=start,
         return_eigenvectors=return_eigenvectors,
         max_basis_bytes=max_basis_bytes,
+        return_basis=return_basis,
     )
 
 

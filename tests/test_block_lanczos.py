@@ -94,3 +94,32 @@ def test_deflated_trace_exact_for_low_rank_and_stderr_consistent():
     assert abs(est.value - exact) <= 5 * est.stderr + 1e-12
     pp = hutch_plus_plus(lambda v: matrix @ v, n, num_samples=24)
     assert pp.num_samples == 24 and abs(pp.value - exact) <= 5 * pp.stderr
+
+
+@pytest.mark.parametrize(("which", "block"), [("largest", 1), ("largest", 4), ("smallest", 3)])
+def test_return_basis_gives_ritz_pairs_of_the_whole_projection(which, block):
+    n, k = 120, 6
+    eig = torch.linspace(-2.0, 5.0, n, dtype=torch.float64) ** 3
+    a = symmetric_with_spectrum(eig, seed=3)
+    matmat = (lambda x: a @ x) if block > 1 else None
+    res = lanczos(
+        lambda v: a @ v, n, k, which=which, tol=1e-10, matmat=matmat, block_size=block, return_basis=True, seed=1
+    )
+    assert res.converged
+    x, theta = res.basis_vectors, res.basis_values
+    p = theta.numel()
+    assert x.shape == (n, p) and p > k
+    torch.testing.assert_close(x.T @ x, torch.eye(p, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(x.T @ a @ x, torch.diag(theta), atol=1e-9 * float(eig.abs().max()), rtol=0)
+    # the extreme ones are the converged eigenvalues, in the solver's order
+    ref = torch.linalg.eigvalsh(a)
+    ref = ref.flip(0)[:k] if which == "largest" else ref[:k]
+    order = theta.argsort(descending=which == "largest")
+    torch.testing.assert_close(theta[order][:k], ref, rtol=1e-8, atol=1e-8)
+    # a deflated trace with every basis Ritz pair is exact on the deflated part and costs only the samples
+    est = deflated_trace(lambda v: a @ v, n, x, num_samples=8, ritz_values=theta, seed=2)
+    assert est.num_samples == 8
+    plain = hutchinson_trace(lambda v: a @ v, n, num_samples=8, seed=2)
+    truth = float(eig.sum())
+    assert abs(est.value - truth) < abs(plain.value - truth)
+    assert lanczos(lambda v: a @ v, n, k, tol=1e-10).basis_vectors is None

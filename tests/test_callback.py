@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian import fit_power_law, hutchinson_trace, spectral_gap
 from lightning_hessian.callback import HessianConfigError, HessianSpectrum, ProbeFailure
+from lightning_hessian.trace import deflated_trace
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*KS critical value.*"),
@@ -168,9 +169,16 @@ def test_metrics_match_dense_float64_reference(tmp_path):
     ]:
         assert m[f"hessian/{key}"] == pytest.approx(value, rel=1e-6), key
     assert m["hessian/is_power_law"] == float(fit.is_power_law)
-    # Hutchinson with the same seeded probes on the dense matrix: identical estimate
-    ref = hutchinson_trace(lambda v: hess @ v, hess.shape[0], num_samples=5, seed=0 + 7919)
-    assert m["hessian/trace"] == pytest.approx(ref.value, rel=1e-9)
+    # the full probe's trace deflates its top-12 Ritz pairs: the same seeded estimator on the dense matrix with its
+    # exact top-12 eigenvectors gives the same value and stochastic-part stderr
+    values, vectors = torch.linalg.eigh(hess)
+    top = vectors.flip(1)[:, :12]
+    ref = deflated_trace(lambda v: hess @ v, hess.shape[0], top, num_samples=5, seed=0 + 7919, ritz_values=eig[:12])
+    assert m["hessian/trace"] == pytest.approx(ref.value, rel=1e-7)
+    assert m["hessian/trace_stderr"] == pytest.approx(ref.stderr, rel=1e-5)
+    assert m["hessian/trace"] != pytest.approx(
+        hutchinson_trace(lambda v: hess @ v, hess.shape[0], num_samples=5, seed=0 + 7919).value, rel=1e-3
+    )
     # the probe at initialisation has no previous subspace (0: finite by design); the epoch probe overlaps with it
     assert cb.history[0]["init"] and cb.history[0]["metrics"]["hessian/subspace_overlap"] == 0.0
     assert 0.0 <= m["hessian/subspace_overlap"] <= 1.0 + 1e-9

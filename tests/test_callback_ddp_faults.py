@@ -126,6 +126,7 @@ def _fit(tmp_path, max_epochs: int, **kwargs) -> None:
         embedding=False,
         cache_graph=False,
         max_seconds=BUDGET,
+        max_overhead=None,  # a probe every epoch (the faults are placed per epoch)
         **kwargs,
     )
     cb.analyses.append(BetweenProducts())

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,9 +38,16 @@ from lightning_hessian.embedding import (
 from lightning_hessian.errors import UnsupportedArchitectureError
 from lightning_hessian.free_probability import DEFAULT_QUANTILES, jacobian_report
 from lightning_hessian.lanczos import EigenResult, hutchinson_trace, lanczos, stochastic_lanczos_quadrature
-from lightning_hessian.operators import HessianOperator, evaluation_mode, world_info
+from lightning_hessian.operators import (
+    HessianOperator,
+    evaluation_mode,
+    probe_forward_context,
+    uncompiled,
+    world_info,
+)
 from lightning_hessian.powerlaw import fit_power_law
 from lightning_hessian.rank import near_zero_from_quadrature
+from lightning_hessian.trace import deflated_trace
 
 __all__ = [
     "Analysis",
@@ -118,25 +125,52 @@ class ProbeBudget:
         """Seconds since the probe started."""
         return time.perf_counter() - self.start
 
+    def _charge(self, count: int) -> None:
+        """Check the budget before ``count`` products (raises :class:`ProbeFailure` when it is spent)."""
+        if self.max_hvps is not None and self.hvps + count > self.max_hvps:
+            raise ProbeFailure(
+                f"the HVP budget max_hvps={self.max_hvps} is spent ({self.hvps} used, {count} more needed)"
+            )
+        if self.max_seconds is not None and self.elapsed() > self.max_seconds:
+            raise ProbeFailure(f"the time budget max_seconds={self.max_seconds} is spent after {self.hvps} HVPs")
+
+    def _charged(self, count: int) -> None:
+        """Count ``count`` products that ran; progress callback and heartbeat."""
+        self.hvps += count
+        if self.on_hvp is not None:
+            self.on_hvp(self.hvps)
+        now = time.perf_counter()
+        if now >= self._next_report:
+            self._next_report = now + 10.0
+            rank_zero_info(f"{self.label}: {self.hvps} HVPs, {now - self.start:.1f} s")
+
     def bind(self, operator: HessianOperator) -> Callable[[Tensor], Tensor]:
         """``v -> operator @ v`` charged to this budget."""
 
         def matvec(vector: Tensor) -> Tensor:
-            if self.max_hvps is not None and self.hvps >= self.max_hvps:
-                raise ProbeFailure(f"the HVP budget max_hvps={self.max_hvps} is spent")
-            if self.max_seconds is not None and self.elapsed() > self.max_seconds:
-                raise ProbeFailure(f"the time budget max_seconds={self.max_seconds} is spent after {self.hvps} HVPs")
+            self._charge(1)
             out = operator.matvec(vector)
-            self.hvps += 1
-            if self.on_hvp is not None:
-                self.on_hvp(self.hvps)
-            now = time.perf_counter()
-            if now >= self._next_report:
-                self._next_report = now + 10.0
-                rank_zero_info(f"{self.label}: {self.hvps} HVPs, {now - self.start:.1f} s")
+            self._charged(1)
             return out
 
         return matvec
+
+    def bind_block(self, operator: HessianOperator) -> Callable[[Tensor], Tensor]:
+        """``V -> operator.matmat(V)`` for ``V`` of shape ``(n, b)``, charged as ``b`` products.
+
+        Same semantics as :meth:`bind`: the whole block is refused when it would exceed ``max_hvps`` (so the solver
+        sees the budget as spent before the block, never a partial block) or the clock ran out; the block's single
+        product goes through the operator's status all-reduce like a matvec, which keeps the failure protocol.
+        """
+
+        def matmat(block: Tensor) -> Tensor:
+            count = 1 if block.dim() == 1 else int(block.shape[1])
+            self._charge(count)
+            out = operator.matmat(block)
+            self._charged(count)
+            return out
+
+        return matmat
 
 
 @dataclass
@@ -158,6 +192,9 @@ class ProbeContext:
         full: whether this is a full probe (power-law test, density).
         top: the top eigenpairs of this probe (``None`` if the spectrum analysis failed), descending.
         loss: the global probe loss.
+        cache_graph: the callback's ``cache_graph`` (for operators an analysis builds, e.g. per-layer blocks).
+        batch_size_fn: the callback's ``batch_size_fn`` (``None``: the first tensor's length).
+        matmat: ``V -> H V`` block product of ``operator`` charged to the budget (``b`` products per call).
     """
 
     trainer: Any
@@ -173,6 +210,9 @@ class ProbeContext:
     full: bool
     top: EigenResult | None = None
     loss: float = math.nan
+    cache_graph: bool | Literal["auto"] = "auto"
+    batch_size_fn: Callable[[Any], int] | None = None
+    matmat: Callable[[Tensor], Tensor] | None = None
 
     def key(self, name: str) -> str:
         """Logged key ``f"{prefix}/{name}"``."""
@@ -263,7 +303,20 @@ class PowerLawAnalysis:
 
 @dataclass
 class TraceAnalysis:
-    """Hutchinson estimate of the Hessian trace."""
+    r"""Trace of the Hessian: deflated Hutchinson with the Ritz pairs the probe already has (Hutch++-style).
+
+    .. math::
+
+        \operatorname{tr} H = \sum_i \theta_i + \operatorname{tr}(P H P), \qquad P = I - X X^\top,
+
+    with :math:`(\theta_i, x_i)` Ritz pairs of one Rayleigh-Ritz projection (so :math:`X^\top H X =
+    \operatorname{diag}(\theta)` costs no product): on a cheap probe every Ritz pair of the solver's final Krylov
+    basis (``EigenResult.basis_vectors``, about 3-5 ``num_tracked`` vectors), on a full probe the top-K; the rest
+    by Hutchinson with ``num_samples`` projected Rademacher probes (Meyer et al. 2021;
+    :func:`~lightning_hessian.trace.deflated_trace`). ``<prefix>/trace_stderr`` is the standard error of that
+    stochastic part. Without Ritz pairs (the spectrum stage failed) plain Hutchinson is used. ``num_samples``
+    products either way.
+    """
 
     num_samples: int
     name: str = "trace"
@@ -276,17 +329,33 @@ class TraceAnalysis:
 
     def __call__(self, ctx: ProbeContext) -> AnalysisResult:
         """Run on one probe."""
-        estimate = hutchinson_trace(
-            ctx.matvec,
-            ctx.operator.num_params,
-            num_samples=self.num_samples,
-            seed=ctx.seed + 7919,
-            dtype=ctx.dtype,
-            device=ctx.operator.device,
-        )
+        n, top = ctx.operator.num_params, ctx.top
+        vectors = values = None
+        if top is not None:
+            vectors, values = top.basis_vectors, top.basis_values
+            if vectors is None:
+                vectors, values = top.eigenvectors, top.eigenvalues
+        if vectors is None or values is None:
+            estimate = hutchinson_trace(
+                ctx.matvec, n, num_samples=self.num_samples, seed=ctx.seed + 7919, dtype=ctx.dtype,
+                device=ctx.operator.device,
+            )  # fmt: skip
+        else:
+            estimate = deflated_trace(
+                ctx.matvec, n, vectors.to(ctx.dtype), num_samples=self.num_samples, seed=ctx.seed + 7919,
+                dtype=ctx.dtype, device=ctx.operator.device, matmat=_chunked(ctx.matmat, ctx.top.block_size),
+                ritz_values=values,
+            )  # fmt: skip
         if not math.isfinite(estimate.value):
             raise ProbeFailure("non-finite trace estimate")
         return AnalysisResult({ctx.key(rp.TRACE): estimate.value, ctx.key(rp.TRACE_STDERR): estimate.stderr})
+
+
+def _chunked(matmat: Callable[[Tensor], Tensor] | None, cols: int) -> Callable[[Tensor], Tensor] | None:
+    """``matmat`` applied ``cols`` columns at a time (the solver's block size: its memory is known to fit)."""
+    if matmat is None or cols <= 1:
+        return None
+    return lambda x: torch.cat([matmat(x[:, j : j + cols]) for j in range(0, x.shape[1], cols)], dim=1)
 
 
 @dataclass
@@ -370,7 +439,15 @@ class PerLayerAnalysis:
         """Run on one probe."""
         scalars: dict[str, float] = {}
         for name, params in trainable_blocks(ctx.pl_module):
-            op = HessianOperator(ctx.pl_module, ctx.loss_fn, ctx.batches, dtype=ctx.dtype, params=params)
+            op = HessianOperator(
+                ctx.pl_module,
+                ctx.loss_fn,
+                ctx.batches,
+                dtype=ctx.dtype,
+                params=params,
+                cache_graph=ctx.cache_graph,
+                batch_size_fn=ctx.batch_size_fn,
+            )
             k = min(self.top_k if ctx.full else 1, op.num_params)
             result = lanczos(
                 ctx.budget.bind(op),
@@ -416,8 +493,8 @@ def container_input(
     Raises:
         UnsupportedArchitectureError: if the loss never calls ``container`` or passes it no positional input.
     """
-    with torch.no_grad(), evaluation_mode(pl_module):
-        args, _ = capture_inputs(container, lambda: loss_fn(pl_module, batch))
+    with torch.no_grad(), evaluation_mode(pl_module), probe_forward_context(pl_module), uncompiled(pl_module) as root:
+        args, _ = capture_inputs(container, lambda: loss_fn(root, batch))
     if not args:
         raise UnsupportedArchitectureError(f"the MLP {type(container).__name__} is called without a positional input")
     return args[0].detach()

@@ -94,16 +94,20 @@ class ProbeConfig:
     per_layer: bool = False
     nan_on_failure: bool = True
     tensorboard: bool = True
-    max_overhead: float | None = None
+    max_overhead: float | None = 0.2
     jacobian: bool = True
     embedding: bool = True
     near_zero: bool = True
     near_zero_threshold: float = 1e-3
     condensation_tol: float = 1e-3
-    cache_graph: bool = True
+    cache_graph: bool | Literal["auto"] = "auto"
     verbose: bool = False
     probe_at_init: bool = True
     batch_size_fn: Callable[..., Any] | None = None
+    max_basis_bytes: int | None = None
+    block_size: int | None = None
+    cheap_tol: float | None = None
+    checkpoint_subspace: bool = False
 
     def __post_init__(self) -> None:
         for name in ("top_k", "every_n_epochs", "probe_samples", "num_tracked", "trace_samples", "density_probes"):
@@ -111,7 +115,7 @@ class ProbeConfig:
             setattr(self, name, _integer(name, getattr(self, name), minimum))
         self.seed = _integer("seed", self.seed, None)
         self.density_steps = _integer("density_steps", self.density_steps, 2)
-        for name in ("max_hvps", "probe_batch_size", "powerlaw_every_n_epochs"):
+        for name in ("max_hvps", "probe_batch_size", "powerlaw_every_n_epochs", "max_basis_bytes", "block_size"):
             setattr(self, name, _integer(name, getattr(self, name), 1, optional=True))
         self.dtype = _choice("dtype", self.dtype, (None, "float32", "float64"))
         self.when = _choice("when", self.when, ("train_epoch_end", "validation_epoch_end"))
@@ -139,6 +143,12 @@ class ProbeConfig:
                 f"every_n_epochs={self.every_n_epochs} (or None)."
             )
         self.tol = _real("tol", self.tol, upper=1.0)
+        self.cheap_tol = _real("cheap_tol", self.cheap_tol, upper=1.0, optional=True)
+        if not isinstance(self.cache_graph, (bool, np.bool_)) and not (
+            isinstance(self.cache_graph, str) and self.cache_graph == "auto"
+        ):
+            raise HessianConfigError(f"cache_graph must be True, False or 'auto', got {self.cache_graph!r}.")
+        self.cache_graph = self.cache_graph if self.cache_graph == "auto" else bool(self.cache_graph)
         self.near_zero_threshold = _real("near_zero_threshold", self.near_zero_threshold, upper=1.0)
         self.condensation_tol = _real("condensation_tol", self.condensation_tol, upper=1.0)
 
@@ -151,6 +161,11 @@ class ProbeConfig:
             if math.isclose(float(value), level):
                 return float(level)
         raise HessianConfigError(f"ks_level must be one of {allowed}, got {value!r}.")
+
+    @property
+    def cheap_tolerance(self) -> float:
+        """Residual tolerance of the cheap probe's top-``num_tracked`` solve (``cheap_tol``, else ``tol``)."""
+        return self.tol if self.cheap_tol is None else self.cheap_tol
 
     @property
     def full_every(self) -> int | None:

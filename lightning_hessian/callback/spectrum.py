@@ -31,10 +31,10 @@ What a key holds (EarlyStopping reads ``trainer.callback_metrics``, which keeps 
 Every key the configuration computes is logged by the first probe, which runs on the first call of the hook, so an
 ``EarlyStopping(strict=True)`` finds its key at its first check when both run at the same hook.
 
-Overhead guard (``max_overhead``, off by default so that probes run exactly on schedule): when set, scheduled probes
-beyond the first are skipped (keys stay stale, as on epochs without a probe) while the probes' cumulative time exceeds
-``max_overhead`` times the training time, so the overhead stays near ``max_overhead / (1 + max_overhead)`` of the fit
-on any data set size (recommended for long runs on large data sets, e.g. 0.25).
+Overhead guard (``max_overhead``, default 0.2): scheduled probes beyond the first are skipped (keys stay stale, as on
+epochs without a probe) while the probes' cumulative time exceeds ``max_overhead`` times the training time, so the
+overhead stays near ``max_overhead / (1 + max_overhead)`` of the fit on any data set size; ``max_overhead=None``
+probes exactly on schedule (cost-blind).
 
 Further analyses (typed on/off switches, each computed when the architecture is supported and skipped with one
 warning otherwise): ``jacobian`` (free-probability law of the input-output JᵀJ vs its measured spectrum, Chhaibi et
@@ -127,7 +127,9 @@ class HessianSpectrum(Callback):
             probes' cumulative wall time exceeds ``max_overhead`` times the training time (everything between the
             hooks), so probing costs at most about ``max_overhead / (1 + max_overhead)`` of the fit (20% at 0.25)
             whatever the data set size; a full probe that falls due waits for the budget. The decision is taken by
-            the slowest rank. ``None`` (default) probes exactly on schedule (reproducible epochs).
+            the slowest rank. Default 0.2: probes stay near 1/6 of the fit on any data size (plus the fixed cost of
+            the first probe and of ``probe_at_init``). ``None`` probes exactly on schedule (cost-blind,
+            reproducible epochs).
         jacobian: on full probes, log the free-probability prediction of the input-output Jacobian law (Chhaibi,
             Daouda & Kahn 2022) of the module's MLP with its actual weights: ``jacobian/fpt_q10`` ...
             ``jacobian/fpt_q90`` (quantiles of the law's non-zero part), ``jacobian/atom_at_zero``,
@@ -142,9 +144,9 @@ class HessianSpectrum(Callback):
         near_zero_threshold: relative threshold of ``near_zero``, in (0, 1).
         condensation_tol: clustering tolerance of ``embedding`` (see :func:`lightning_hessian.embedding.condensation`),
             in (0, 1).
-        cache_graph: keep the probe batches' gradient graphs during a probe, so each HVP is one backward pass (about
-            1.4-1.9 gradient evaluations instead of 2.5-2.8) at the memory cost of all probe batches' graphs at once;
-            set False for large models.
+        cache_graph: ``"auto"`` (default) keeps the probe batches' gradient graphs during a probe (each HVP one
+            backward pass, about 1.4-1.9 gradient evaluations instead of 2.5-2.8) when their measured size fits in
+            half the free memory, else rebuilds them per product; ``True`` / ``False`` force either.
         verbose: an INFO line when each probe starts and ends, and every 10 s of a long probe; ``False`` (default)
             reports only probes slower than 5 s, in one line. Either way the progress bar (TQDM or Rich) shows a
             running probe's HVP count on a second line.
@@ -154,6 +156,15 @@ class HessianSpectrum(Callback):
             fit resumes from a checkpoint.
         batch_size_fn: ``batch -> int``, the number of samples in a probe batch (weights of the per-sample mean);
             ``None`` takes the length of the first tensor found in the batch.
+        max_basis_bytes: memory budget of the Lanczos basis (``None``: the solver's default, 25% of the free memory,
+            at most 32 GiB); a smaller basis restarts more often. The full probe keeps its top-K Ritz vectors for
+            the next full probe's warm start only when they fit in this budget too.
+        block_size: vectors per block product of the solver; ``None``: 1 on CPU, on accelerators chosen at the
+            first probe from one timed single and one timed block product (``ProbeRunner.choose_block_size``).
+        cheap_tol: residual tolerance of the cheap probe's top-``num_tracked`` solve (``None``: ``tol``).
+        checkpoint_subspace: store the whole tracked subspace (``num_tracked`` float32 vectors) in checkpoints; by
+            default only the top Ritz vector is stored (a checkpoint grows by one vector of P floats), so the first
+            probe after a resume warm-starts from it and its ``subspace_overlap`` is the top-1 overlap.
 
     Raises:
         HessianConfigError: (a ``MisconfigurationException`` and ``ValueError``) for an invalid argument, naming the
@@ -192,16 +203,20 @@ class HessianSpectrum(Callback):
         per_layer: bool = False,
         nan_on_failure: bool = True,
         tensorboard: bool = True,
-        max_overhead: float | None = None,
+        max_overhead: float | None = 0.2,
         jacobian: bool = True,
         embedding: bool = True,
         near_zero: bool = True,
         near_zero_threshold: float = 1e-3,
         condensation_tol: float = 1e-3,
-        cache_graph: bool = True,
+        cache_graph: bool | Literal["auto"] = "auto",
         verbose: bool = False,
         probe_at_init: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
+        max_basis_bytes: int | None = None,
+        block_size: int | None = None,
+        cheap_tol: float | None = None,
+        checkpoint_subspace: bool = False,
     ) -> None:
         args = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
         #: The validated arguments (also readable as attributes of the callback, e.g. ``callback.top_k``).
@@ -235,25 +250,16 @@ class HessianSpectrum(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        vectors = self._runner.vectors
-        return {
-            "history": [dict(h) for h in self.history],
-            **self._schedule.state_dict(),
-            "ritz_vectors": None if vectors is None else vectors.detach().to("cpu", torch.float32).clone(),
-            "init_eigenvalues": self._runner.init_eigenvalues,
-            # a checkpoint taken during a probe (OnExceptionCheckpoint): the resumed fit runs it first
-            "pending": self._pending,
-        }
+        # "pending": a checkpoint taken during a probe (OnExceptionCheckpoint): the resumed fit runs it first
+        state = {"history": [dict(h) for h in self.history], **self._schedule.state_dict()}
+        return {**state, **self._runner.state_dict(), "pending": self._pending}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._schedule.load_state_dict(state_dict)
-        vectors = state_dict.get("ritz_vectors")
-        self._runner.vectors = None if vectors is None else vectors.clone()
+        self._runner.load_state_dict(state_dict)
         self._resume_pending = state_dict.get("pending")
-        init = state_dict.get("init_eigenvalues")
-        self._runner.init_eigenvalues = None if init is None else init.clone()
 
     # ------------------------------------------------------------------ hooks
     @override
