@@ -158,8 +158,8 @@ def fit_power_law(eigenvalues: Any, k: int | None = None, alpha: float = 0.05) -
         A :class:`PowerLawFit`.
 
     Raises:
-        ValueError: If the input is not 1-D or not finite, ``k < 3``, ``alpha`` is unsupported, fewer than 3 positive values
-            remain, or the top values are all equal (no exponent can be fitted).
+        ValueError: If the input is not 1-D or not finite, ``k < 3``, ``alpha`` is unsupported, fewer than 3
+            positive values remain, or the top values are all equal (no exponent can be fitted).
     """
     _ks_constant(alpha)
     if k is not None and (isinstance(k, bool) or int(k) != k or k < 3):
