@@ -150,6 +150,7 @@ def test_metrics_match_dense_float64_reference(tmp_path):
         num_tracked=4,
         density=True,
         probe_batch_size=20,
+        probe_at_init=False,  # the epoch-0 probe is then the first, full probe (the init probe is tested elsewhere)
     )
     trainer(tmp_path, [cb]).fit(model, DataLoader(data, batch_size=16, shuffle=True))
     m = {k: float(v) for k, v in cb.history[-1]["metrics"].items()}
@@ -179,9 +180,8 @@ def test_metrics_match_dense_float64_reference(tmp_path):
     assert m["hessian/trace"] != pytest.approx(
         hutchinson_trace(lambda v: hess @ v, hess.shape[0], num_samples=5, seed=0 + 7919).value, rel=1e-3
     )
-    # the probe at initialisation has no previous subspace (0: finite by design); the epoch probe overlaps with it
-    assert cb.history[0]["init"] and cb.history[0]["metrics"]["hessian/subspace_overlap"] == 0.0
-    assert 0.0 <= m["hessian/subspace_overlap"] <= 1.0 + 1e-9
+    # the first probe has no previous subspace (0: finite by design)
+    assert len(cb.history) == 1 and cb.history[0]["full"] and m["hessian/subspace_overlap"] == 0.0
     assert m["hessian/hvps"] > 0 and m["hessian/probe_seconds"] > 0
     # logged == history, through pl_module.log (callback_metrics)
     assert float(trainer_metrics := cb.history[-1]["metrics"]["hessian/lambda_max"]) == trainer_metrics
@@ -191,7 +191,9 @@ def test_per_layer_lambda_max_matches_dense_blocks(tmp_path):
     torch.manual_seed(1)
     data = make_data(n=32)
     model = Net()
-    cb = HessianSpectrum(top_k=5, probe_samples=32, dtype="float64", tol=1e-10, per_layer=True, **QUIET)
+    cb = HessianSpectrum(
+        top_k=5, probe_samples=32, dtype="float64", tol=1e-10, per_layer=True, probe_at_init=False, **QUIET
+    )
     t = trainer(tmp_path, [cb])
     t.fit(model, DataLoader(data, batch_size=8))
     hess = dense_hessian(model, data)
@@ -300,7 +302,8 @@ def test_failed_probe_warns_logs_nan_and_training_continues(tmp_path):
     assert t.current_epoch == 3  # training ran to the end
     assert [(h["epoch"], h.get("init", False)) for h in cb.history] == [(0, True), (0, False), (1, False), (2, False)]
     first, second = cb.history[1]["metrics"], cb.history[2]["metrics"]  # history[0]: the probe at initialisation
-    assert math.isfinite(first["hessian/lambda_max"]) and math.isfinite(first["hessian/ks_distance"])
+    assert math.isfinite(first["hessian/lambda_max"]) and math.isfinite(cb.history[0]["metrics"]["hessian/ks_distance"])
+    assert "hessian/ks_distance" not in first  # the init probe is the first full probe: the epoch-0 probe is cheap
     assert math.isnan(second["hessian/lambda_max"]) and math.isnan(second["hessian/spectral_gap"])
     assert second["hessian/hvps"] == 0.0 and second["hessian/probe_seconds"] >= 0.0
 
@@ -453,15 +456,16 @@ def test_tensorboard_dashboard(tmp_path):
     assert lam.step.tolist() == [0] + [steps_per_epoch * (e + 1) - 1 for e in range(3)]
     assert lam.value.tolist() == pytest.approx([h["metrics"]["hessian/lambda_max"] for h in cb.history], rel=1e-6)
     ks = scalars[scalars.tag == "hessian/ks_distance"]
-    assert ks.step.tolist() == [0, 3, 11]  # full probes at init and at epochs 0 and 2 only
+    # full probes: the probe at init (the schedule's first full probe), then every 2nd probe: epoch 1
+    assert ks.step.tolist() == [0, 7]
 
     ea = EventAccumulator(
         log_dir, size_guidance=dict(DEFAULT_SIZE_GUIDANCE, scalars=0, histograms=0, images=0, tensors=0)
     )
     ea.Reload()
     tags = ea.Tags()
-    top_k_hist = ea.Histograms("hessian/eigenvalues/top_k")  # full probes only (init, epoch 0), K values each
-    assert [e.step for e in top_k_hist] == [0, 3, 11] and {e.histogram_value.num for e in top_k_hist} == {10}
+    top_k_hist = ea.Histograms("hessian/eigenvalues/top_k")  # full probes only (init, epoch 1), K values each
+    assert [e.step for e in top_k_hist] == [0, 7] and {e.histogram_value.num for e in top_k_hist} == {10}
     eig_hist = ea.Histograms("hessian/eigenvalues/tracked")  # every probe, num_tracked values each
     assert [e.step for e in eig_hist] == [0, 3, 7, 11]  # aligned with the scalars
     assert {e.histogram_value.num for e in eig_hist} == {cb.num_tracked}
@@ -476,13 +480,13 @@ def test_tensorboard_dashboard(tmp_path):
     )
     density = ea.Histograms("hessian/density")
     n = sum(p.numel() for p in model.parameters())
-    assert [e.step for e in density] == [0, 3, 11]
+    assert [e.step for e in density] == [0, 7]
     assert density[-1].histogram_value.num == pytest.approx(n, rel=1e-9)  # counts estimate numbers of eigenvalues
     assert "hessian/rank_plot" in tags["images"]
     image = ea.Images("hessian/rank_plot")[-1]
-    assert image.step == 11 and image.encoded_image_string[:4] == b"\x89PNG"
+    assert image.step == 7 and image.encoded_image_string[:4] == b"\x89PNG"
     text = ea.Tensors("hessian/summary/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert "d_ks" in text and "epoch 2" in text
+    assert "d_ks" in text and "epoch 1" in text
     configs = ea.Tensors("custom_scalars__config__")
     assert len(configs) == 1
     layout = layout_pb2.Layout()
@@ -518,8 +522,8 @@ def test_history_survives_checkpoint_resume_and_two_instances_coexist(tmp_path):
     assert [h["epoch"] for h in a.history] == [0, 0, 1, 2, 3]  # the probe at initialisation is not repeated
     restored = [h["metrics"]["hessian/lambda_max"] for h in a.history[:3]]
     assert restored == [h["metrics"]["hessian/lambda_max"] for h in first[0].history]  # restored, not recomputed
-    # init + the schedule, which continues across resume
-    assert [h["full"] for h in a.history] == [True, True, False, True, False]
+    # init (the schedule's first full probe, powerlaw_every_n_epochs=2) + the schedule, which continues across resume
+    assert [h["full"] for h in a.history] == [True, False, True, False, True]
     assert math.isfinite(a.history[3]["metrics"]["hessian/subspace_overlap"])  # overlap with the restored vectors
     assert [h["epoch"] for h in b.history] == [0, 0, 1, 2, 3] and "h12/lambda_max" in t.callback_metrics
     assert torch.equal(a._runner.init_eigenvalues, first[0]._runner.init_eigenvalues)  # restored from the state

@@ -95,7 +95,7 @@ def test_probe_at_init_is_a_full_probe_of_the_untrained_network(tmp_path):
     assert first["init"] and first["full"] and "hessian/ks_distance" in first["metrics"]
     assert first["metrics"]["hessian/lambda_max"] == pytest.approx(float(init_eig[0]), rel=1e-9)
     torch.testing.assert_close(cb._runner.init_eigenvalues, init_eig[:5], rtol=1e-8, atol=1e-12)
-    assert [h["full"] for h in cb.history] == [True, True, False]  # the epoch schedule is unchanged (full every 10)
+    assert [h["full"] for h in cb.history] == [True, False, False]  # the init probe is the schedule's first full one
     import csv
 
     with open(f"{logger.log_dir}/metrics.csv") as f:
@@ -240,7 +240,7 @@ def test_checkpoint_taken_during_a_probe_resumes_with_the_uninterrupted_schedule
         t.fit(model, DataLoader(data, batch_size=8))
     assert t.interrupted
     state = torch.load(tmp_path / "interrupted.ckpt", weights_only=False)["callbacks"][first.state_key]
-    assert state["num_probes"] == len([h for h in state["history"] if not h.get("init")]) == 1  # consistent
+    assert state["num_probes"] == len(state["history"]) == 2  # consistent: the init probe and epoch 0's
 
     resumed = callback()
     model.interrupt_epoch = None

@@ -34,8 +34,9 @@ class ProbeSchedule:
         num_probes: committed probes.
         probe_seconds: wall time of the committed probes.
         train_seconds: training time between hooks (probes excluded).
-        init_done: whether the probe at initialisation ran (it is not counted in ``num_probes``: the epoch probes'
-            full/cheap rhythm is the same with and without it; its time counts in ``probe_seconds``).
+        init_done: whether the probe at initialisation ran. It is the first full probe of the schedule: it counts in
+            ``num_probes`` (so the epoch-0 probe is cheap, the next full one is the ``full_every``-th probe) and its
+            time in ``probe_seconds`` (so the overhead guard sees it).
     """
 
     every_n_epochs: int
@@ -64,9 +65,9 @@ class ProbeSchedule:
         self._last_hook_end = time.perf_counter()
 
     def over_budget(self) -> bool:
-        """Whether the overhead guard asks to skip the next probe (never before the first probe)."""
-        if self.max_overhead is None or self.num_probes == 0:
-            return False
+        """Whether the overhead guard asks to skip the next probe (never the first epoch probe)."""
+        if self.max_overhead is None or self.num_probes <= int(self.init_done):
+            return False  # the first epoch probe always runs, so every key is logged from the first epoch on
         return self.probe_seconds > self.max_overhead * self.train_seconds
 
     def plan(self, fitting: bool, agree: Callable[[bool], bool] = bool) -> ProbeKind | None:
@@ -95,8 +96,9 @@ class ProbeSchedule:
             self.probe_seconds += seconds
 
     def commit_init(self, seconds: float) -> None:
-        """Record the probe at initialisation (after it finished)."""
+        """Record the probe at initialisation (after it finished) as the schedule's first (full) probe."""
         self.init_done = True
+        self.num_probes += 1
         self.probe_seconds += seconds
 
     def state_dict(self) -> dict[str, Any]:

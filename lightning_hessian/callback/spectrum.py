@@ -384,6 +384,11 @@ class HessianSpectrum(Callback):
             scalars, items = self._runner.run(trainer, pl_module, kind == "full")
         if epoch == trainer.current_epoch:
             rp.log_scalars(pl_module, scalars, sync_dist=world_size() > 1)
+            stale = {k: v for k, v in self._init_full_keys(kind).items() if k not in scalars}
+            # monitors only (the loggers have them at step 0): callback_metrics keeps a key's last value anyway
+            trainer.callback_metrics.update(
+                {k: torch.tensor(float(v), dtype=torch.float64, device=pl_module.device) for k, v in stale.items()}
+            )
         elif trainer.is_global_zero:  # a resumed pending probe: its epoch's step, straight to the loggers
             for logger in trainer.loggers:
                 logger.log_metrics(dict(scalars), step=max(int(trainer.global_step) - 1, 0))
@@ -394,6 +399,18 @@ class HessianSpectrum(Callback):
             writer = rp.find_tensorboard_writer(trainer)
             if writer is not None:
                 rp.write_items(writer, items, self._tensorboard_step(trainer))
+
+    def _init_full_keys(self, kind: Any) -> dict[str, float]:
+        """On the first epoch probe after the probe at init, if cheap: the init probe's full-probe-only values.
+
+        The probe at initialisation is the first full probe of the schedule, but it reaches only the loggers; putting
+        its power-law (and other full-probe) values into ``trainer.callback_metrics`` (not the loggers, which have them
+        at step 0) makes every key available from the first epoch on, as the last full probe's values, so an
+        ``EarlyStopping`` on them finds its key at its first check.
+        """
+        if kind != "cheap" or [h.get("init", False) for h in self.history] != [True]:
+            return {}
+        return dict(self.history[0]["metrics"])
 
     def _tensorboard_step(self, trainer: pl.Trainer) -> int:
         """The step at which Lightning writes this hook's epoch-level scalars (so histograms line up with them)."""
