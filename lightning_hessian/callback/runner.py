@@ -372,16 +372,18 @@ class ProbeRunner:
         return min(self.block, k)
 
     def _warm_start(self, n: int, k: int, full: bool, block: int, ctx: ProbeContext) -> Tensor | None:
-        """Warm start: the previous probe's tracked subspace.
+        """Warm start from the previous probe's tracked subspace (its first ``block`` vectors; summed when ``block=1``).
 
-        The cheap probe starts from the whole block; the full probe from its first ``block`` vectors (their sum with
-        single-vector products, so the block size stays the chosen one).
+        Measured on the digits example (float32, top-8, one epoch between probes): the sum start takes 32-36 products
+        at tol 1e-6 to 1e-3, the same as a cold start; a start block of all 8 tracked vectors takes 56-80, because the
+        subspace moves more in an epoch than the block's first products gain. So the block is never wider than the
+        solver's own block.
         """
         if self.vectors is None or self.vectors.shape[0] != n:
             return None
-        cols = min(self.vectors.shape[1], k) if not full else min(self.vectors.shape[1], block)
+        cols = min(self.vectors.shape[1], block, k)
         start = self.vectors[:, :cols].to(device=ctx.operator.device, dtype=ctx.dtype)
-        return start.sum(dim=1) if full and block == 1 else start
+        return start.sum(dim=1) if block == 1 else start
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: by default the top Ritz vector only (``checkpoint_subspace``: all tracked)."""
