@@ -9,7 +9,11 @@
 * :mod:`~lightning_hessian.callback.probe`: the probe set (sampling, device transfer, RNG isolation);
 * :mod:`~lightning_hessian.callback.loss`: the default probe loss (the module's ``training_step``);
 * :mod:`~lightning_hessian.callback.monitors`: checks of ``EarlyStopping`` monitors;
-* :mod:`~lightning_hessian.callback.reporting`: metric names, ``pl_module.log`` and TensorBoard writing.
+* :mod:`~lightning_hessian.callback.publish`: where a probe's results go (``pl_module.log`` or the loggers, monitors,
+  TensorBoard extras, the dashboard layout);
+* :mod:`~lightning_hessian.callback.reporting`: metric names, the TensorBoard items, figures and layout;
+* :mod:`~lightning_hessian.callback.progress`, :mod:`~lightning_hessian.callback.state`,
+  :mod:`~lightning_hessian.callback.setup_checks`: progress bar, module-state snapshot and rank-0 buffers, setup checks.
 
 The mathematics lives one floor down (:mod:`lightning_hessian.operators`, :mod:`lightning_hessian.lanczos`, ...) and
 imports no Lightning.

@@ -58,11 +58,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_hessian.callback import reporting as rp
-from lightning_hessian.callback.analyses import Analysis, PerLayerAnalysis, any_rank, world_size
+from lightning_hessian.callback.analyses import Analysis, any_rank
 from lightning_hessian.callback.config import HessianConfigError, ProbeConfig
 from lightning_hessian.callback.monitors import check_monitors
 from lightning_hessian.callback.probe import isolated_rng
+from lightning_hessian.callback.publish import fill_monitors, publish, write_dashboard_layout
 from lightning_hessian.callback.runner import ProbeRunner
 from lightning_hessian.callback.schedule import ProbeSchedule
 from lightning_hessian.callback.setup_checks import check_picklable
@@ -291,22 +291,7 @@ class HessianSpectrum(Callback):
             )
         check_monitors(trainer, self.prefix, self.when, self.every_n_epochs, self.logged_keys(pl_module))
         if self.tensorboard and not self._layout_written:
-            writer = rp.find_tensorboard_writer(trainer)
-            if writer is not None:
-                runner = self._runner
-                extra = PerLayerAnalysis(self.top_k, self.ks_level, self.tol).keys(self.prefix, pl_module)
-                layout = rp.custom_scalar_layout(
-                    self.prefix,
-                    extra if self.per_layer else [],
-                    jacobian_prefix=runner.jacobian.prefix if runner.jacobian is not None else None,
-                    embedding_prefix=runner.condensation.prefix if runner.condensation is not None else None,
-                    keys=self.logged_keys(pl_module),
-                )
-                writer.add_custom_scalars(layout)
-                self._layout_written = True
-        figures = self.powerlaw_every_n_epochs is not None or self.jacobian
-        if self.tensorboard and figures and not rp.matplotlib_available() and rp.find_tensorboard_writer(trainer):
-            rank_zero_warn(rp.MATPLOTLIB_MISSING)
+            self._layout_written = write_dashboard_layout(trainer, self, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -329,15 +314,9 @@ class HessianSpectrum(Callback):
         start = time.perf_counter()
         with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
             scalars, items = self._runner.run(trainer, pl_module, True)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(dict(scalars), step=0)
+        publish(trainer, pl_module, scalars, items, step=0, tensorboard=self.tensorboard)
         self.history.append({"epoch": 0, "full": True, "init": True, "metrics": dict(scalars)})
         self._schedule.commit_init(time.perf_counter() - start)
-        if self.tensorboard:
-            writer = rp.find_tensorboard_writer(trainer)
-            if writer is not None:
-                rp.write_items(writer, items, 0)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -382,23 +361,14 @@ class HessianSpectrum(Callback):
         start = time.perf_counter()
         with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
             scalars, items = self._runner.run(trainer, pl_module, kind == "full")
-        if epoch == trainer.current_epoch:
-            rp.log_scalars(pl_module, scalars, sync_dist=world_size() > 1)
-            stale = {k: v for k, v in self._init_full_keys(kind).items() if k not in scalars}
-            # monitors only (the loggers have them at step 0): callback_metrics keeps a key's last value anyway
-            trainer.callback_metrics.update(
-                {k: torch.tensor(float(v), dtype=torch.float64, device=pl_module.device) for k, v in stale.items()}
-            )
-        elif trainer.is_global_zero:  # a resumed pending probe: its epoch's step, straight to the loggers
-            for logger in trainer.loggers:
-                logger.log_metrics(dict(scalars), step=max(int(trainer.global_step) - 1, 0))
+        # a resumed pending probe goes straight to the loggers at its epoch's step
+        step = None if epoch == trainer.current_epoch else max(int(trainer.global_step) - 1, 0)
+        publish(trainer, pl_module, scalars, items, step=step, tensorboard=self.tensorboard, when=self.when)
+        if step is None:
+            fill_monitors(trainer, pl_module, {k: v for k, v in self._init_full_keys(kind).items() if k not in scalars})
         self.history.append({"epoch": epoch, "full": kind == "full", "metrics": dict(scalars)})
         schedule.commit(kind, time.perf_counter() - start)
         self._pending = None
-        if self.tensorboard:
-            writer = rp.find_tensorboard_writer(trainer)
-            if writer is not None:
-                rp.write_items(writer, items, self._tensorboard_step(trainer))
 
     def _init_full_keys(self, kind: Any) -> dict[str, float]:
         """On the first epoch probe after the probe at init, if cheap: the init probe's full-probe-only values.
@@ -411,14 +381,6 @@ class HessianSpectrum(Callback):
         if kind != "cheap" or [h.get("init", False) for h in self.history] != [True]:
             return {}
         return dict(self.history[0]["metrics"])
-
-    def _tensorboard_step(self, trainer: pl.Trainer) -> int:
-        """The step at which Lightning writes this hook's epoch-level scalars (so histograms line up with them)."""
-        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        stepped = getattr(loop, "_batches_that_stepped", None)
-        if stepped is None:
-            return int(trainer.global_step)
-        return max(int(stepped) - 1, 0) if self.when == "train_epoch_end" else int(stepped)
 
     def logged_keys(self, pl_module: Any = None) -> list[str]:
         """Every scalar key this configuration can log (for monitors and dashboards)."""
