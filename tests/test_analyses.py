@@ -148,3 +148,23 @@ def test_switches_turn_the_analyses_off():
     keys = set(trainer.callback_metrics)
     assert not any(k.startswith(("jacobian/", "embedding/")) for k in keys)
     assert "hessian/near_zero_fraction" not in keys
+
+
+def test_law_overlay_title_says_where_the_prediction_applies(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from lightning_hessian.callback import reporting
+
+    titles: list[str] = []
+    original = reporting.jacobian_overlay
+
+    def recording(report, *, title=""):
+        titles.append(title)
+        return original(report, title=title)
+
+    monkeypatch.setattr(reporting, "jacobian_overlay", recording)
+    callback = HessianSpectrum(top_k=5, probe_samples=40, powerlaw_every_n_epochs=1, embedding=False)
+    _fit(MLP(lr=0.1), callback, tmp_path)
+    # the probe at initialisation (step 0) and the epoch-0 full probe after training steps
+    assert len(titles) == 2
+    assert "at initialisation" in titles[0] and "prediction applies" in titles[0]
+    assert "trained weights" in titles[1] and "departure" in titles[1]

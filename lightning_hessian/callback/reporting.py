@@ -595,7 +595,7 @@ def jacobian_overlay(report: Any, *, title: str = "") -> Any:
         predicted = np.interp(centres, grid[live], density[live]) * np.diff(bins)
         axes.plot(centres, predicted, "-", label=f"predicted (atom {report.atom_at_zero:.3f})")
         axes.set_xscale("log")
-    axes.set_title(f"{title} JᵀJ law: KS distance {report.law_distance:.3f}", fontsize=8)
+    axes.set_title(f"{title}\nJᵀJ law, KS distance {report.law_distance:.3f}", fontsize=8)
     axes.set_xlabel("eigenvalue of JᵀJ")
     axes.set_ylabel("mass per bin")
     axes.legend(fontsize=7)
