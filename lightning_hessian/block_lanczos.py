@@ -314,7 +314,9 @@ def _keep(k: int, p: int, q: int, rows: int, block: int) -> int:
 
 def _choose_rows(n: int, k: int, block: int, num_vectors: int | None, itemsize: int, budget: int) -> tuple[int, int]:
     """Rows of the basis and block size that fit ``budget`` bytes (work blocks included)."""
-    wanted = num_vectors if num_vectors is not None else max(2 * k, k + 20, k + 4 * block)
+    # k + a quarter: on the digits MLP top-200 took 600 products with 2k rows, 620 with k + k/4 (37% less memory),
+    # 629 with k + 20 and 684 with k + 10 (restarts then cost as much as the products)
+    wanted = num_vectors if num_vectors is not None else k + max(20, 4 * block, k // 4)
     wanted = max(wanted, k + block)
     per_row = n * itemsize
     while True:
@@ -365,7 +367,8 @@ def block_lanczos(
         which: ``"largest"`` (returned descending) or ``"smallest"`` (returned ascending).
         tol: Relative residual tolerance, ``> 0``.
         max_matvecs: Budget of products (columns); default ``max(20 * num_vectors, 200)``.
-        num_vectors: Basis size before a restart; default ``max(2k, k + 20)`` (bounded by ``max_basis_bytes``).
+        num_vectors: Basis size before a restart; default ``k + max(20, 4 b, k // 4)`` (bounded by
+            ``max_basis_bytes``).
         seed: Seed of the random start block and of fresh directions.
         dtype: Dtype of the basis.
         device: Device of the basis.
