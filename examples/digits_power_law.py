@@ -101,7 +101,9 @@ def main() -> None:
         probe_samples=args.probe_samples,
         powerlaw_every_n_epochs=args.powerlaw_every,
         seed=args.seed,
-        # probes run exactly on schedule (the default); on large data sets consider max_overhead=0.25
+        # digits epochs take 0.1 s, so probing dominates by design here: run the exact schedule instead of the default
+        # overhead guard (max_overhead=0.2 keeps probes near 1/6 of the fit on real data sets)
+        max_overhead=None,
     )
     callbacks = [
         spectrum,
