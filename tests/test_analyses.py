@@ -166,5 +166,5 @@ def test_law_overlay_title_says_where_the_prediction_applies(tmp_path, monkeypat
     _fit(MLP(lr=0.1), callback, tmp_path)
     # the probe at initialisation (step 0) and the epoch-0 full probe after training steps
     assert len(titles) == 2
-    assert "at initialisation" in titles[0] and "prediction applies" in titles[0]
+    assert "at initialisation" in titles[0] and "the law applies" in titles[0]
     assert "trained weights" in titles[1] and "departure" in titles[1]

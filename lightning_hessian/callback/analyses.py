@@ -570,11 +570,9 @@ class JacobianAnalysis(_MLPAnalysis):
         if density is not None:
             items.append(density)
         if int(getattr(ctx.trainer, "global_step", 0)) == 0:  # no optimizer step yet: the prediction's regime
-            title = "at initialisation (random weights: the prediction applies):"
+            title = "at initialisation (i.i.d. weights: the law applies)"
         else:  # trained weights are no longer random matrices: the distance measures how far they moved from one
-            title = (
-                f"epoch {getattr(ctx.trainer, 'current_epoch', 0)}, trained weights (distance = departure from i.i.d.):"
-            )
+            title = f"epoch {getattr(ctx.trainer, 'current_epoch', 0)}: trained weights, KS = departure from i.i.d."
         items.append(rp.FigureItem(key("law_overlay"), lambda: rp.jacobian_overlay(report, title=title)))
         return AnalysisResult(scalars, items)
 
