@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from lightning_hessian.distributed import failed_ranks
 from lightning_hessian.errors import ProbeProductError
+from lightning_hessian.memory import available_memory
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Strategy = Literal["cached", "double_backward", "forward_over_reverse"]
@@ -403,39 +404,6 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) ->
     with counter.hooks():
         out = fn()
     return out, counter.total
-
-
-def available_memory(device: torch.device | str) -> int:
-    """Bytes free for new tensors on ``device``.
-
-    CUDA: free device memory (``torch.cuda.mem_get_info``) plus memory PyTorch's caching allocator holds but does
-    not use. Other devices: the system's available memory (``psutil.virtual_memory().available``, else
-    ``MemAvailable`` of ``/proc/meminfo``); ``sys.maxsize`` if neither can be read.
-
-    Args:
-        device: The device of the tensors.
-
-    Returns:
-        A byte count.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is a test dependency
-        pass
-    try:  # pragma: no cover
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover
-        pass
-    return sys.maxsize  # pragma: no cover
 
 
 class LossModule(nn.Module):
