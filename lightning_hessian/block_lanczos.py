@@ -336,6 +336,12 @@ def _choose_rows(n: int, k: int, block: int, num_vectors: int | None, itemsize: 
         block = max(1, block // 2)
 
 
+def _basis_pairs(krylov: _BlockKrylov, sign: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Every Ritz pair ``(theta, V_p S)`` of the current projection ``T[:p, :p]`` (values with the caller's sign)."""
+    all_theta, all_coeffs = krylov.ritz()[:2]
+    return sign * all_theta, _combine(krylov.V, krylov.p, all_coeffs.to(device=krylov.device, dtype=dtype))
+
+
 def block_lanczos(
     matvec: MatVec | None,
     n: int,
@@ -427,6 +433,7 @@ def block_lanczos(
     krylov.start(first)
     check_every = max(1, max(8, size // 8) // block)
     blocks, rounds, saved = 0, 0, None
+    basis: tuple[Tensor, Tensor] | None = None
     theta = coeffs = residuals = None
     converged = complete = False
     while True:
@@ -456,6 +463,8 @@ def block_lanczos(
         if complete or (out_of_budget and not converged):
             break
         if converged:
+            if return_basis and rounds == 0:  # the Krylov space of the run itself, before any missed-eigenvalue check
+                basis = _basis_pairs(krylov, sign, dtype)
             if rounds >= 8 or out_of_budget or k + krylov.q + block > n or k + krylov.q + 2 * block > rows:
                 break
             rounds += 1
@@ -463,10 +472,10 @@ def block_lanczos(
             krylov.restart(theta, coeffs, keep=k, fresh=True)
             coeffs = None
     basis_values = basis_vectors = None
-    if return_basis:  # every Ritz pair of the final projection T[:p, :p] (before the rows are rotated below)
-        all_theta, all_coeffs = krylov.ritz()[:2]
-        basis_values = sign * all_theta
-        basis_vectors = _combine(krylov.V, krylov.p, all_coeffs.to(device=krylov.device, dtype=dtype))
+    if return_basis:
+        # every Ritz pair of one Rayleigh-Ritz projection: the run's own Krylov space when it converged (the check's
+        # fresh random block adds directions far from the top of the spectrum), else the final one
+        basis_values, basis_vectors = basis if basis is not None and rounds <= 1 else _basis_pairs(krylov, sign, dtype)
     if coeffs is not None:  # rotate the wanted Ritz vectors into rows 0..wanted-1
         krylov.V.rotate(krylov.p, coeffs[:, :wanted].to(device=krylov.device, dtype=dtype))
     vectors = None
