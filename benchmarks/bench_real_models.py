@@ -160,12 +160,16 @@ def solver_rows(
                     "converged": result.converged, "rss_mib": peak_rss_mib(),
                 }
             )  # fmt: skip
+            print_solver_rows(rows[-1:], header=len(rows) == 1)  # one row as soon as it is measured
     return rows
 
 
-def print_solver_rows(rows: list[dict[str, Any]]) -> None:
-    print("\n| model | params | k | solver | block | HVPs | seconds | s/HVP (that kind) | ratio | converged | RSS MiB")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def print_solver_rows(rows: list[dict[str, Any]], header: bool = True) -> None:
+    if header:
+        print(
+            "\n| model | params | k | solver | block | HVPs | seconds | s/HVP (that kind) | ratio | converged | RSS MiB"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['params']:,} | {r['k']} | {r['solver']} | {r['block']} | {r['hvps']} | "
@@ -309,8 +313,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="mlp,resnet,transformer")
     parser.add_argument("--solver", default="", help="models for the solver rows, e.g. mlp1m,resnet (slow)")
+    parser.add_argument("--blocks", default="1,4,8", help="block sizes of the solver rows")
+    parser.add_argument("--skip-products", action="store_true", help="only the solver rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.skip_products:
+        for name in filter(None, args.solver.split(",")):
+            solver_rows(name, args.quick, blocks=tuple(int(b) for b in args.blocks.split(",")))
+        return
     rows = [measure(name, args.quick, args.repeats) for name in args.models.split(",")]
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, device cpu, block of {BLOCK}")
     print()
@@ -325,8 +335,8 @@ def main() -> None:
         cells += [f"{r[f'{s}_block_s']:.4f} ({r[f'{s}_block_s'] / g:.2f})" for s in STRATEGIES]
         cells += [r["auto"], f"{r['rss_mib']:.0f}"]
         print("| " + " | ".join(cells) + " |")
-    if args.solver:
-        print_solver_rows([r for name in args.solver.split(",") for r in solver_rows(name, args.quick)])
+    for name in filter(None, args.solver.split(",")):
+        solver_rows(name, args.quick, blocks=tuple(int(b) for b in args.blocks.split(",")))
     print_fit_overhead(fit_overhead_rows(width=8 if args.quick else 16), 8 if args.quick else 16)
     if not args.quick:
         print("\n| top-200, max_basis_bytes | params | basis bytes | peak RSS (truncated run) |\n|---|---|---|---|")

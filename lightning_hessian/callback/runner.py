@@ -314,11 +314,12 @@ class ProbeRunner:
         if block > 1:
             ctx.matmat = ctx.budget.bind_block(ctx.operator)
         start = self._warm_start(n, k, full, block, ctx)
+        tol = c.tol if full else c.cheap_tolerance
         result = lanczos(
             ctx.matvec,
             n,
             k,
-            tol=c.tol if full else c.cheap_tolerance,
+            tol=tol,
             max_matvecs=ctx.budget.remaining(),
             seed=c.seed,
             dtype=ctx.dtype,
@@ -333,7 +334,7 @@ class ProbeRunner:
         )
         if not result.converged:
             raise ProbeFailure(
-                f"Lanczos did not converge to tol={c.tol} within {result.num_matvecs} HVPs "
+                f"Lanczos did not converge to tol={tol} within {result.num_matvecs} HVPs "
                 f"(largest relative residual {float(result.residual_norms.max()):.2e}); raise max_hvps or tol"
             )
         if not bool(torch.isfinite(result.eigenvalues).all()):
