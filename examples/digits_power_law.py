@@ -65,16 +65,22 @@ class DigitsMLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
-def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+def digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standardised digits, split 1,437 / 360 by a seeded permutation: ``(x_train, y_train, x_val, y_val)``."""
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     y = torch.tensor(data.target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     train, val = perm[:1437], perm[1437:]
+    return x[train], y[train], x[val], y[val]
+
+
+def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    x_train, y_train, x_val, y_val = digits_tensors(seed)
     return (
-        DataLoader(TensorDataset(x[train], y[train]), batch_size=batch_size, shuffle=True),
-        DataLoader(TensorDataset(x[val], y[val]), batch_size=256),
+        DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True),
+        DataLoader(TensorDataset(x_val, y_val), batch_size=256),
     )
 
 

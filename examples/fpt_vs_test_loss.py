@@ -20,21 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from digits_power_law import digits_tensors
 from scipy.stats import spearmanr
-from sklearn.datasets import load_digits
 from torch import nn
 
 from lightning_hessian.free_probability import JacobianLaw
-
-
-def data(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    train, test = perm[:1437], perm[1437:]
-    return x[train], y[train], x[test], y[test]
 
 
 def mlp(depth: int, width: int, gain: float, activation: str, seed: int) -> nn.Sequential:
@@ -77,7 +67,7 @@ def main() -> None:
     parser.add_argument("--figure", default=None, help="write the scatter plot here (needs matplotlib)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    x, y, x_test, y_test = data(args.seed)
+    x, y, x_test, y_test = digits_tensors(args.seed)
     grid = list(itertools.product([1, 2, 3, 4], [32, 128], [0.25, 0.5, 1.0, 2.0, 4.0], ["relu", "tanh"]))
     rows = []
     print(

@@ -23,7 +23,7 @@ import argparse
 import time
 
 import torch
-from sklearn.datasets import load_digits
+from digits_power_law import digits_tensors
 from torch import nn
 from torch.func import functional_call, hessian
 
@@ -56,15 +56,6 @@ def noisy(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     flip = torch.rand(len(y), generator=gen) < fraction
     shift = torch.randint(1, 10, (len(y),), generator=gen)
     return torch.where(flip, (y + shift) % 10, y)
-
-
-def digits(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:1437]
-    return x[perm], y[perm]
 
 
 RECIPES = {
@@ -125,7 +116,7 @@ def main() -> None:
     agree_fixed = {k: 0 for k in ks}
     agree_frac = {f: 0 for f in fractions}
     for seed in args.seeds:
-        x, y = digits(seed)
+        x, y = digits_tensors(seed)[:2]
         probe_x = x[: args.probe_samples]
         print(f"\nseed {seed}")
         header = "".join(f"{'K=' + str(k):>12s}" for k in ks) + "".join(f"{f'{f:.0%}P':>14s}" for f in fractions)
