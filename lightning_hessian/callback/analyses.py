@@ -275,6 +275,7 @@ class PowerLawAnalysis:
             ctx.key(rp.IS_POWER_LAW): float(fit.is_power_law),
         }
         epoch = getattr(ctx.trainer, "current_epoch", 0)
+        when = "at initialisation" if int(getattr(ctx.trainer, "global_step", 0)) == 0 else f"epoch {epoch}"
 
         def figure() -> Any:
             return rp.rank_plot(
@@ -283,14 +284,14 @@ class PowerLawAnalysis:
                 cutoff_rank=fit.k,
                 ks_distance=fit.ks_distance,
                 ks_critical=fit.ks_critical,
-                title=f"epoch {epoch}: ",
+                title=f"{when}: ",
                 beta=fit.beta,
                 reference=self.reference,
             )
 
         verdict = "**power law**" if fit.is_power_law else "**not** a power law"
         text = (
-            f"epoch {epoch}: top-{fit.k} spectrum is {verdict} (d_ks = {fit.ks_distance:.4f} vs d_c = "
+            f"{when}: top-{fit.k} spectrum is {verdict} (d_ks = {fit.ks_distance:.4f} vs d_c = "
             f"{fit.ks_critical:.4f} at level {fit.alpha}); β̂ = {fit.beta:.3f} ± {fit.beta_stderr:.3f}, "
             f"ŝ = {fit.s:.3f} (OLS slope {fit.slope_ols:.3f}); λ_max = {float(eig[0]):.5g}"
         )
