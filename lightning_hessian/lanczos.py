@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_hessian.block_lanczos import EigenResult, MatMat, block_lanczos
+from lightning_hessian.block_lanczos import EigenResult, MatMat, block_lanczos, random_block
 from lightning_hessian.memory import BasisMemoryError
 
 MatVec = Callable[[Tensor], Tensor]
@@ -39,13 +39,8 @@ __all__ = [
 
 
 def _random_vector(n: int, seed: int, dtype: torch.dtype, device: torch.device | str | None, kind: str) -> Tensor:
-    """Seeded random vector drawn on the CPU (identical on every rank and device)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    if kind == "rademacher":
-        vec = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-    else:
-        vec = torch.randn(n, generator=gen, dtype=torch.float64)
-    return vec.to(device=device, dtype=dtype)
+    """Seeded random vector drawn on the CPU (identical on every rank and device): one column of ``random_block``."""
+    return random_block(n, 1, seed, dtype, device, kind)[:, 0]
 
 
 def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_hessian.callback import reporting as rp
+from lightning_hessian.distributed import agree
 from lightning_hessian.embedding import (
     DEFAULT_ORIENTATION_TOL,
     MLPStructure,
@@ -472,13 +472,8 @@ class PerLayerAnalysis:
         return AnalysisResult(scalars)
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Logical OR of ``flag`` over all ranks (one tiny all-reduce under DDP; identity otherwise)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return bool(flag)
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
+#: Logical OR of a flag over all ranks: the status all-reduce of :mod:`lightning_hessian.distributed` (same name kept).
+any_rank = agree
 
 
 def world_size() -> int:

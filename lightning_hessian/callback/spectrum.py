@@ -59,7 +59,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_hessian.callback.analyses import Analysis, any_rank
+from lightning_hessian.callback.analyses import Analysis
 from lightning_hessian.callback.config import HessianConfigError, ProbeConfig
 from lightning_hessian.callback.monitors import check_monitors
 from lightning_hessian.callback.probe import isolated_rng
@@ -67,6 +67,7 @@ from lightning_hessian.callback.publish import fill_monitors, publish, write_das
 from lightning_hessian.callback.runner import ProbeRunner
 from lightning_hessian.callback.schedule import ProbeSchedule
 from lightning_hessian.callback.setup_checks import check_picklable
+from lightning_hessian.distributed import agree
 
 __all__ = ["HessianSpectrum"]
 
@@ -342,7 +343,7 @@ class HessianSpectrum(Callback):
     def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
         schedule = self._schedule
-        kind = schedule.plan(fitting, agree=lambda flag: any_rank(flag, pl_module.device))
+        kind = schedule.plan(fitting, agree=lambda flag: agree(flag, pl_module.device))
         if kind is None:
             if schedule.calls % self.every_n_epochs == 0 and not self._warned_overhead:
                 rank_zero_info(
