@@ -35,14 +35,10 @@ from lightning_hessian.callback.loss import default_loss
 from lightning_hessian.callback.probe import ProbeSet
 from lightning_hessian.callback.progress import ProbeProgress
 from lightning_hessian.callback.state import ModuleSnapshot, rank_zero_buffers
-from lightning_hessian.distributed import AgreedFailure, broadcast_object, checked_all_reduce, gather_objects, run_stage
+from lightning_hessian.distributed import AgreedFailure, broadcast_object, gather_objects, run_stage
 from lightning_hessian.lanczos import EigenResult, lanczos
 from lightning_hessian.operators import (
     HessianOperator,
-    batch_size,
-    evaluation_mode,
-    probe_forward_context,
-    uncompiled,
 )
 from lightning_hessian.powerlaw import spectral_gap
 
@@ -260,23 +256,13 @@ class ProbeRunner:
                 fallback=self.train_loader,
             )
         batches = self.probe_set.batches
-        count_fn = c.batch_size_fn if c.batch_size_fn is not None else batch_size
-        local = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # [sum n_b l_b, sum n_b]
-        forward = (torch.no_grad(), evaluation_mode(pl_module), probe_forward_context(pl_module))
-        with forward[0], forward[1], forward[2], uncompiled(pl_module) as root:
-            for batch in batches:
-                count = int(count_fn(batch))
-                value = loss_fn(root, batch)
-                local[0] += count * float(value.detach().reshape(()))
-                local[1] += count
-        checked_all_reduce(local, False)
-        loss = float(local[0] / local[1]) if local[1] > 0 else math.nan
-        if not math.isfinite(loss):
-            raise ProbeFailure(f"the probe loss is not finite ({loss})")
         dtype = self.torch_dtype(pl_module)
         operator = HessianOperator(
             pl_module, loss_fn, batches, dtype=dtype, cache_graph=c.cache_graph, batch_size_fn=c.batch_size_fn
         )
+        loss = operator.loss()  # the global probe loss, agreed by all ranks (no_grad, eval mode, forward contexts)
+        if not math.isfinite(loss):
+            raise ProbeFailure(f"the probe loss is not finite ({loss})")
         budget = ProbeBudget(operator.device, c.max_hvps, c.max_seconds, label, heartbeat=c.verbose, on_hvp=on_hvp)
         return ProbeContext(
             trainer=trainer,
