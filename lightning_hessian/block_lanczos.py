@@ -50,6 +50,7 @@ __all__ = ["EigenResult", "MatMat", "MatVec", "block_lanczos", "random_block"]
 
 _SQRT_HALF = 0.7071067811865476
 _CHUNK_BYTES = 64 * 2**20  # column chunk of the in-place restart rotation
+_LOCK = 1e-3  # a pair is locked once its residual is this share of the tolerance (keeps residuals faithful)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class EigenResult:
         num_restarts: Thick restarts performed.
         block_size: Block size used.
         basis_bytes: Bytes of the Krylov basis that was allocated.
+        num_locked: Most Ritz pairs locked at once (converged to ``1e-3 tol``, then neither rotated nor coupled).
         basis_values: With ``return_basis``: ``(p,)`` float64 Ritz values of the whole final Rayleigh-Ritz
             projection :math:`T = V_p^\top A V_p` over the ``p`` multiplied basis vectors (descending for
             ``"largest"``), else ``None``.
@@ -81,6 +83,7 @@ class EigenResult:
     num_restarts: int = 0
     block_size: int = 1
     basis_bytes: int = 0
+    num_locked: int = 0
     basis_values: Tensor | None = None
     basis_vectors: Tensor | None = None
 
@@ -137,20 +140,24 @@ class _Rows:
         for off, view in self.parts(j0, j0 + rows.shape[0]):
             view.copy_(rows[off : off + view.shape[0]])
 
-    def rotate(self, j1: int, coeffs: Tensor) -> None:
-        """Rows ``0..r-1`` become ``coeffs.T @ V[:j1]`` (``coeffs`` is ``(j1, r)``, ``r <= j1``), in place.
+    def rotate(self, j1: int, coeffs: Tensor, j0: int = 0) -> None:
+        """Rows ``j0..j0+r-1`` become ``coeffs.T @ V[j0:j1]`` (``coeffs`` is ``(j1-j0, r)``, ``r <= j1-j0``), in place.
 
-        Chunked over the columns, so that the only temporary is ``(j1, chunk)``.
+        Chunked over the columns, so that the only temporary is ``(r, chunk)``; each segment's rows enter the product
+        as a strided view (no copy).
         """
         coeffs_t = coeffs.T.contiguous()
         itemsize = self.segments[0][1].element_size()
-        chunk = max(1, _CHUNK_BYTES // max(1, j1 * itemsize))
+        chunk = max(1, _CHUNK_BYTES // max(1, (j1 - j0) * itemsize))
         r = coeffs.shape[1]
         for c0 in range(0, self.n, chunk):
             c1 = min(self.n, c0 + chunk)
-            block = torch.cat([view[:, c0:c1] for _, view in self.parts(0, j1)])
-            new = coeffs_t @ block
-            for off, view in self.parts(0, r):
+            new = None
+            for off, view in self.parts(j0, j1):
+                part = coeffs_t[:, off : off + view.shape[0]]
+                new = part @ view[:, c0:c1] if new is None else new.addmm_(part, view[:, c0:c1])
+            assert new is not None
+            for off, view in self.parts(j0, j0 + r):
                 view[:, c0:c1] = new[off : off + view.shape[0]]
 
 
@@ -168,6 +175,10 @@ class _BlockKrylov:
         self.products = 0
         self.restarts = 0
         self.norm = 0.0  # running estimate of |A| (largest column norm of a product)
+        self.locked = 0  # rows 0..locked-1: converged Ritz vectors, decoupled from the rest (T is diagonal there)
+        self.locked_theta = torch.zeros(0, dtype=torch.float64)
+        self.max_locked = 0
+        self.locked_res = torch.zeros(0, dtype=torch.float64)
         self.breakdown = {torch.float64: 1e-11, torch.float32: 1e-5}.get(dtype, 1e-5)
 
     @property
@@ -246,6 +257,7 @@ class _BlockKrylov:
         w = w.clone() if w.data_ptr() == x.data_ptr() else w
         self.norm = max(self.norm, float(torch.linalg.vector_norm(w, dim=0).max()))
         coeffs = self._orthogonalise(w, self.local).to(torch.float64).cpu()
+        coeffs[: self.locked] = 0.0  # locked pairs are deflated: their (residual-sized) coupling is dropped
         used = self.used
         self.T[:used, p : p + r] = coeffs
         self.T[p : p + r, :used] = coeffs.T
@@ -262,37 +274,78 @@ class _BlockKrylov:
         self.q = q - r + cols
 
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Ritz values (descending), coefficient vectors and residual norms of the multiplied rows."""
-        p = self.p
-        theta, coeffs = torch.linalg.eigh(self.T[:p, :p])
-        theta, coeffs = theta.flip(0), coeffs.flip(1)
-        residuals = torch.linalg.vector_norm(self.T[p : self.used, :p] @ coeffs, dim=0)
-        return theta, coeffs, residuals
+        """Ritz values (descending), ``(p, p)`` coefficient vectors and residual norms of the multiplied rows.
 
-    def restart(self, theta: Tensor, coeffs: Tensor, keep: int, fresh: bool = False) -> None:
-        """Keep ``keep`` Ritz vectors (rotated in place) and the pending rows.
+        Locked rows are their own Ritz vectors (unit coefficient columns) with the residual they had when locked.
+        """
+        p, lk = self.p, self.locked
+        theta, coeffs = torch.linalg.eigh(self.T[lk:p, lk:p])
+        theta, coeffs = theta.flip(0), coeffs.flip(1)
+        residuals = torch.linalg.vector_norm(self.T[p : self.used, lk:p] @ coeffs, dim=0)
+        if lk == 0:
+            return theta, coeffs, residuals
+        full = torch.zeros(p, p, dtype=torch.float64)
+        full[:lk, :lk] = torch.eye(lk, dtype=torch.float64)
+        full[lk:, lk:] = coeffs
+        theta = torch.cat([self.locked_theta, theta])
+        order = torch.argsort(theta, descending=True, stable=True)
+        return theta[order], full[:, order], torch.cat([self.locked_res, residuals])[order]
+
+    def restart(
+        self,
+        theta: Tensor,
+        coeffs: Tensor,
+        keep: int,
+        fresh: bool = False,
+        residuals: Tensor | None = None,
+        lock_below: float = -1.0,
+        wanted: int = 0,
+    ) -> None:
+        """Keep the locked rows, the leading ``keep`` Ritz vectors (rotated in place) and the pending rows.
+
+        Ritz pairs among the leading ``wanted`` whose residual is at most ``lock_below`` are locked: their coupling to
+        the pending rows is dropped (a perturbation of the size of their residual: deflation, as in Krylov-Schur with
+        locking, Stewart 2001), so that later restarts neither rotate them again nor couple with them.
 
         With ``fresh``, also append a seeded random block orthogonal to all of them (zero coupling, so the Krylov
-        relation stays exact): the deflation check for eigenvalues the block could not see.
+        relation stays exact): the deflation check for eigenvalues the block could not see. Its rows ``0..keep-1``
+        are then the leading Ritz vectors in descending order, none locked.
         """
-        p, q = self.p, self.q
-        coupling = self.T[p : p + q, :p] @ coeffs[:, :keep]
+        if fresh:  # rows 0..keep-1 become the leading Ritz vectors in order (the caller reads them so): unlock all
+            self.locked = 0
+            self.locked_theta, self.locked_res = self.locked_theta[:0], self.locked_res[:0]
+        p, q, lk = self.p, self.q, self.locked
+        is_locked = coeffs[:lk].abs().sum(dim=0) > 0 if lk else torch.zeros(p, dtype=torch.bool)
+        active = [j for j in range(p) if not is_locked[j]][: max(0, keep - lk)]
+        newly = [j for j in active if j < wanted and residuals is not None and float(residuals[j]) <= lock_below]
+        rest = [j for j in active if j not in set(newly)]
+        cols = newly + rest
+        kept = lk + len(cols)
+        rotation = coeffs[lk:p, cols]
+        coupling = self.T[p : p + q, lk:p] @ rotation
         pending = self.V.get(p, p + q).clone()
-        self.V.rotate(p, coeffs[:, :keep].to(device=self.device, dtype=self.dtype))
+        self.V.rotate(p, rotation.to(device=self.device, dtype=self.dtype), j0=lk)
         self.T.zero_()
-        self.T[:keep, :keep] = torch.diag(theta[:keep])
-        self.V.put(keep, pending)
-        self.T[keep : keep + q, :keep] = coupling
-        self.T[:keep, keep : keep + q] = coupling.T
-        self.p, self.q, self.local = keep, q, 0
+        self.T[:kept, :kept] = torch.diag(torch.cat([self.locked_theta, theta[cols]]))
+        self.V.put(kept, pending)
+        if newly:
+            assert residuals is not None
+            self.locked_theta = torch.cat([self.locked_theta, theta[newly]])
+            self.locked_res = torch.cat([self.locked_res, residuals[newly]])
+            coupling[:, : len(newly)] = 0.0
+        self.T[kept : kept + q, lk:kept] = coupling
+        self.T[lk:kept, kept : kept + q] = coupling.T
+        self.locked = lk + len(newly)
+        self.max_locked = max(self.max_locked, self.locked)
+        self.p, self.q, self.local = kept, q, self.locked
         if fresh:
             self.seed += 104729
-            cols = min(self.b, self.n - self.used, self.M - self.used)
-            block = random_block(self.n, cols, self.seed, self.dtype, self.device)
+            cols_fresh = min(self.b, self.n - self.used, self.M - self.used)
+            block = random_block(self.n, cols_fresh, self.seed, self.dtype, self.device)
             self.V.subtract(0, self.used, self.V.gram(0, self.used, block), block)
-            new, _ = self._orthonormal(block, cols, scale=None)
+            new, _ = self._orthonormal(block, cols_fresh, scale=None)
             self.V.put(self.used, new.T)
-            self.q += cols
+            self.q += cols_fresh
         self.restarts += 1
 
 
@@ -439,7 +492,9 @@ def block_lanczos(
     while True:
         if krylov.used + min(block, n - krylov.used) > rows:
             theta, coeffs, residuals = krylov.ritz()
-            krylov.restart(theta, coeffs, keep=_keep(k, krylov.p, krylov.q, rows, block))
+            lock_below = _LOCK * tol * max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
+            keep = max(_keep(k, krylov.p, krylov.q, rows, block), krylov.locked)
+            krylov.restart(theta, coeffs, keep, residuals=residuals, lock_below=lock_below, wanted=k)
         krylov.extend(budget - krylov.products)
         blocks += 1
         complete = krylov.q == 0 and krylov.p >= n  # the whole space is spanned
@@ -469,7 +524,7 @@ def block_lanczos(
                 break
             rounds += 1
             saved = (theta[:k].clone(), residuals[:k].clone())
-            krylov.restart(theta, coeffs, keep=k, fresh=True)
+            krylov.restart(theta, coeffs, keep=max(k, krylov.locked), fresh=True)
             coeffs = None
     basis_values = basis_vectors = None
     if return_basis:
@@ -491,6 +546,7 @@ def block_lanczos(
         num_restarts=krylov.restarts,
         block_size=block,
         basis_bytes=basis_bytes,
+        num_locked=krylov.max_locked,
         basis_values=basis_values,
         basis_vectors=basis_vectors,
     )

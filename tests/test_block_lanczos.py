@@ -45,6 +45,24 @@ def test_block_path_matches_eigvalsh(name, block):
     )
 
 
+@pytest.mark.parametrize("block", [1, 3])
+def test_locking_in_a_tight_basis_keeps_eigenpairs_and_residuals_exact(block):
+    n, k = 400, 40
+    matrix = symmetric_with_spectrum(spectra(n)["power_law"], seed=5)
+    reference = torch.linalg.eigvalsh(matrix).flip(0)[:k]
+    result = lanczos(
+        None, n, k, matmat=lambda x: matrix @ x, block_size=block, num_vectors=k + 12, tol=1e-10,
+        max_matvecs=20000, return_eigenvectors=True,
+    )  # fmt: skip
+    assert result.converged and result.num_restarts > 5 and result.num_locked > 0
+    assert ((result.eigenvalues - reference).abs() / reference[0]).max() <= 1e-10
+    x = result.eigenvectors
+    torch.testing.assert_close(x.T @ x, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
+    residual = torch.linalg.vector_norm(matrix @ x - x * result.eigenvalues, dim=0)
+    assert residual.max() <= 1e-10 * float(reference[0]) * 1.01
+    torch.testing.assert_close(residual, result.residual_norms, atol=1e-10 * float(reference[0]), rtol=0)
+
+
 def test_small_memory_budget_restarts_and_too_small_raises():
     n, k = 300, 10
     matrix = symmetric_with_spectrum(spectra(n)["power_law"], seed=3)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_hessian.probe_kernels import _Conv, affine_batch_norm, probe_layers
+
+CONVS = [
+    nn.Conv1d(2, 4, 3, padding=1),
+    nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(4, 4, 3, dilation=2, groups=2, padding=2, padding_mode="circular"),
+    nn.Conv2d(2, 3, (3, 1), padding=(1, 0), padding_mode="reflect"),
+    nn.Conv3d(2, 2, 2, stride=(1, 2, 1)),
+]
+
+
+def _second_order(layer: nn.Module, x: torch.Tensor, batched: bool) -> list[torch.Tensor]:
+    """d/d(x, W, b) of <g, grad_{x,W,b} <r, layer(x)>>: every term a double backward produces."""
+    x = x.clone().requires_grad_(True)
+    leaves = [x, *layer.parameters()]
+    out = layer(x)
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    grads = torch.autograd.grad((out * r * out).sum(), leaves, create_graph=True)
+    gen = torch.Generator().manual_seed(2)
+    if batched:
+        vs = [torch.randn((3, *g.shape), generator=gen, dtype=g.dtype) for g in grads]
+        return list(torch.autograd.grad(grads, leaves, vs, is_grads_batched=True))
+    vs = [torch.randn(g.shape, generator=gen, dtype=g.dtype) for g in grads]
+    return list(torch.autograd.grad(grads, leaves, vs))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("layer", CONVS, ids=repr)
+def test_convolution_double_backward_matches_pytorch(layer, batched, monkeypatch):
+    layer = layer.double()
+    dims = layer.weight.dim() - 2
+    x = torch.randn(2, layer.in_channels, *([6] * dims), generator=torch.Generator().manual_seed(0)).double()
+    reference = _second_order(layer, x, batched)
+    calls = []
+    apply = _Conv.apply
+    monkeypatch.setattr(_Conv, "apply", lambda *a: calls.append(1) or apply(*a))
+    with probe_layers(layer):
+        original = type(layer)._conv_forward(layer, x, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(x), original, rtol=1e-14, atol=1e-14)
+        ours = _second_order(layer, x, batched)
+    assert calls, "the rewritten convolution did not run"
+    assert "_conv_forward" not in vars(layer)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_convolution_unbatched_input_and_string_padding_fall_back():
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(2, 5, 5, dtype=torch.float64)
+    same = nn.Conv2d(2, 3, 3, padding="same").double()
+    with probe_layers(conv), probe_layers(same):
+        original = type(conv)._conv_forward(conv, x, conv.weight, conv.bias)
+        torch.testing.assert_close(conv(x), original, rtol=1e-14, atol=1e-14)
+        original = type(same)._conv_forward(same, x[None], same.weight, same.bias)
+        torch.testing.assert_close(same(x[None]), original, rtol=0, atol=0)
+        # inside torch.func the layer's own code runs (no custom autograd.Function under transforms)
+        jac = torch.func.jacrev(lambda t: conv(t).sum())(x)
+    assert jac.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (nn.BatchNorm1d(3), (5, 3)),
+        (nn.BatchNorm1d(3, affine=False), (5, 3, 4)),
+        (nn.BatchNorm2d(3), (4, 3, 2, 2)),
+        (nn.BatchNorm3d(3), (2, 3, 2, 2, 2)),
+    ],
+)
+def test_affine_batch_norm_is_eval_batch_norm_with_the_same_derivatives(layer, shape):
+    layer = layer.double()
+    gen = torch.Generator().manual_seed(0)
+    layer(torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1)  # running statistics away from 0 / 1
+    layer.eval()
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(affine_batch_norm(layer, x), layer(x), rtol=1e-14, atol=1e-14)
+    reference = _second_order(layer, x, batched=False)
+    with probe_layers(layer):
+        assert "forward" in vars(layer)
+        ours = _second_order(layer, x, batched=False)
+    assert "forward" not in vars(layer)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_in_training_mode_keeps_its_own_forward_and_statistics():
+    layer = nn.BatchNorm1d(3).double().train()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with probe_layers(layer):
+        out = layer(x)
+    torch.testing.assert_close(out.mean(0), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)  # batch stats
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_a_users_own_instance_patch_is_left_alone():
+    conv = nn.Conv1d(1, 1, 1)
+    own = conv._conv_forward = lambda x, w, b: x * 0  # noqa: E731
+    with probe_layers(conv):
+        assert conv._conv_forward is own
+    assert conv._conv_forward is own
