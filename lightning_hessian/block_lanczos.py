@@ -251,11 +251,14 @@ class _BlockKrylov:
         w = self.op(x).to(self.dtype)
         if w.shape != x.shape:
             w = w.reshape(x.shape)
-        if not bool(torch.isfinite(w).all()):
-            raise FloatingPointError("the operator returned a non-finite product")
+        norm = float(torch.linalg.vector_norm(w, dim=0).max())  # finite iff every entry is (one pass, not two)
+        if not math.isfinite(norm):
+            if not bool(torch.isfinite(w).all()):
+                raise FloatingPointError("the operator returned a non-finite product")
+            raise FloatingPointError(f"the norm of a product overflows {self.dtype}")
         self.products += r
         w = w.clone() if w.data_ptr() == x.data_ptr() else w
-        self.norm = max(self.norm, float(torch.linalg.vector_norm(w, dim=0).max()))
+        self.norm = max(self.norm, norm)
         coeffs = self._orthogonalise(w, self.local).to(torch.float64).cpu()
         coeffs[: self.locked] = 0.0  # locked pairs are deflated: their (residual-sized) coupling is dropped
         used = self.used
@@ -475,7 +478,8 @@ def block_lanczos(
         if matmat is not None:
             out = matmat(x.contiguous())
         else:
-            out = torch.stack([matvec(x[:, i]).reshape(-1) for i in range(x.shape[1])], dim=1)
+            columns = [matvec(x[:, i]).reshape(-1, 1) for i in range(x.shape[1])]
+            out = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
         return out if sign > 0 else -out
 
     krylov = _BlockKrylov(op, n, rows, block, k, dtype, device, seed)  # same layout either way: same bits
