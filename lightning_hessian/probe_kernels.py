@@ -20,7 +20,7 @@ PyTorch's generic double backward does more work than the mathematics needs:
 
 :func:`probe_layers` installs both on a model's layers for the duration of a block (instance attributes, removed on
 exit). Results equal the layers' own up to rounding. Inside ``torch.func`` transforms (the forward-over-reverse
-strategy, Jacobians) and for string paddings (``"same"``) the layers' own code runs.
+strategy, Jacobians), under autocast and for string paddings (``"same"``) the layers' own code runs.
 
 No Lightning import.
 """
@@ -43,6 +43,14 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _transformed() -> bool:
     """Whether a ``torch.func`` transform (grad, jvp, vmap, ...) is active."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (its casts belong to the layer's own autograd graph)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 class _ConvBackward(torch.autograd.Function):
@@ -114,7 +122,7 @@ def fast_conv_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor
     Returns:
         The layer's output, equal to ``type(module)._conv_forward(module, x, weight, bias)`` up to rounding.
     """
-    if _transformed() or isinstance(module.padding, str):
+    if _transformed() or isinstance(module.padding, str) or _autocast(x.device.type):
         return type(module)._conv_forward(module, x, weight, bias)
     dims = weight.dim() - 2
     padding: Sequence[int] = module.padding

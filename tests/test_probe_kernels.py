@@ -59,7 +59,10 @@ def test_convolution_unbatched_input_and_string_padding_fall_back():
         torch.testing.assert_close(same(x[None]), original, rtol=0, atol=0)
         # inside torch.func the layer's own code runs (no custom autograd.Function under transforms)
         jac = torch.func.jacrev(lambda t: conv(t).sum())(x)
-    assert jac.shape == x.shape
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # and under autocast (its casts are the layer's graph)
+            low = conv.float()(x.float().requires_grad_(True))
+            (grad,) = torch.autograd.grad(low.float().sum(), conv.weight, create_graph=True)
+    assert jac.shape == x.shape and low.dtype == torch.bfloat16 and grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
