@@ -269,12 +269,16 @@ op = HessianOperator(model, loss, [(x[:128], y[:128]), (x[128:], y[128:])])
 budget = None if sys.argv[1] == "default" else int(float(sys.argv[1]))
 r = lanczos(op.matvec, op.num_params, 200, tol=1e-4, dtype=torch.float32, max_matvecs=int(sys.argv[2]),
             return_eigenvectors=True, max_basis_bytes=budget)
-print(op.num_params, r.basis_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+try:  # VmHWM: this process's own peak (ru_maxrss keeps the parent's at fork across exec on Linux)
+    peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(op.num_params, r.basis_bytes, peak)
 """
 
 
 def peak_rss_top200(budgets: tuple[str, ...] = ("default", "2.6e9"), products: int = 40) -> list[tuple[str, ...]]:
-    """Peak RSS (``ru_maxrss`` of a fresh subprocess) of a top-200 solve on a ~2.9M-parameter MLP.
+    """Peak RSS (``VmHWM`` of a fresh subprocess) of a top-200 solve on a ~2.9M-parameter MLP.
 
     The run is truncated after ``products`` HVPs: the basis is allocated (and zero-filled) at the start, so the peak
     is reached by then unless a restart's rotation chunk adds its ``(rows, 64 MiB)`` temporary. Returns
