@@ -366,8 +366,16 @@ def _combine(rows: _Rows, p: int, coeffs: Tensor) -> Tensor:
 
 
 def _keep(k: int, p: int, q: int, rows: int, block: int) -> int:
-    """Ritz vectors kept at a restart: ``k`` plus about half of the free room, leaving whole blocks to grow."""
-    room = max(block, (rows - q - k) // 2 // block * block)
+    """Ritz vectors kept at a restart: ``k`` plus part of the free room, leaving whole blocks to grow.
+
+    With single vectors three quarters of the free room go to new vectors, not half: on a 1.07M-parameter MLP top-20
+    took 392 products and 24 restarts instead of 408 and 37 (11% fewer seconds); top-200 on a synthetic operator with
+    that spectrum took 1,271 products instead of 1,256 (6.5% fewer solver seconds); on the digits MLP, 72 / 356 / 614
+    products at k = 20 / 100 / 200 instead of 68 / 356 / 620. Blocks keep half (a block of 8 on a clustered spectrum
+    did not converge with three quarters).
+    """
+    share = (3, 4) if block == 1 else (1, 2)
+    room = max(block, (rows - q - k) * share[0] // share[1] // block * block)
     return max(min(k, p), min(p - 1, rows - q - room))
 
 
