@@ -224,12 +224,21 @@ class _BlockKrylov:
             scale = float(torch.linalg.vector_norm(w, dim=0).max())
         if not math.isfinite(scale) or scale == 0.0:
             raise ValueError("the start block must be finite and non-zero")
-        qh, r = torch.linalg.qr(w)
-        u, sig, yt = torch.linalg.svd(r.to(torch.float64))
-        good = int((sig > self.breakdown * scale).sum().clamp(max=cols))
-        q = qh @ u[:, :good].to(qh.dtype)
-        coupling = torch.zeros(cols, w.shape[1], dtype=torch.float64)
-        coupling[:good] = sig[:good, None] * yt[:good]
+        if w.shape[1] == 1:  # one vector: its norm, accumulated in float64 (no QR)
+            w64 = w.to(torch.float64)
+            sig = torch.sqrt(torch.dot(w64[:, 0], w64[:, 0])).reshape(1).cpu()
+            del w64
+            good = int(float(sig[0]) > self.breakdown * scale) if cols else 0
+            q = w / sig.to(device=w.device, dtype=w.dtype) if good else w[:, :0]
+            coupling = torch.zeros(cols, 1, dtype=torch.float64)
+            coupling[:good] = sig[:good, None]
+        else:
+            qh, r = torch.linalg.qr(w)
+            u, sig, yt = torch.linalg.svd(r.to(torch.float64))
+            good = int((sig > self.breakdown * scale).sum().clamp(max=cols))
+            q = qh @ u[:, :good].to(qh.dtype)
+            coupling = torch.zeros(cols, w.shape[1], dtype=torch.float64)
+            coupling[:good] = sig[:good, None] * yt[:good]
         fragile = good < cols or (good > 0 and float(sig[good - 1]) < 1e-3 * float(sig[0]))
         if good < cols:
             self.seed += 7919
@@ -244,6 +253,12 @@ class _BlockKrylov:
             q2, r2 = torch.linalg.qr(q)
             coupling = r2.to(torch.float64).cpu() @ coupling
             q = q2
+        if q.dtype != torch.float64 and (w.shape[1] > 1 or fragile):
+            # LAPACK's low-precision QR normalises to about sqrt(n) eps (1e-5 at n = 3e5 in float32), and restarts
+            # spread that into the off-diagonal of V^T V: renormalise with norms accumulated in float64
+            norms = torch.linalg.vector_norm(q, dim=0, dtype=torch.float64)
+            q = q / norms.to(q.dtype)
+            coupling = norms.cpu()[:, None] * coupling
         return q, coupling
 
     def extend(self, budget: int) -> None:

@@ -141,3 +141,21 @@ def test_return_basis_gives_ritz_pairs_of_the_whole_projection(which, block):
     truth = float(eig.sum())
     assert abs(est.value - truth) < abs(plain.value - truth)
     assert lanczos(lambda v: a @ v, n, k, tol=1e-10).basis_vectors is None
+
+
+def test_float32_basis_vectors_are_normalised_with_float64_accumulation():
+    # LAPACK's float32 QR normalises a 1e6-vector only to ~1e-5 (sqrt(n) eps); restarts then spread that error
+    from lightning_hessian.block_lanczos import _BlockKrylov
+
+    n = 1_000_000
+    krylov = _BlockKrylov(None, n, rows=4, block=1, head=1, dtype=torch.float32, device="cpu", seed=0)
+    w = torch.randn(n, 1, generator=torch.Generator().manual_seed(0)) * 3
+    q, coupling = krylov._orthonormal(w.clone(), 1, scale=None)
+    assert abs(float((q.double() ** 2).sum()) - 1) <= 1e-7
+    torch.testing.assert_close((q * coupling.float()).double(), w.double(), rtol=1e-6, atol=1e-6)
+    for block in (2, 3):  # blocks: QR, then the same float64 renormalisation
+        wb = torch.randn(n, block, generator=torch.Generator().manual_seed(block))
+        qb, cb = krylov._orthonormal(wb.clone(), block, scale=None)
+        gram = qb.double().T @ qb.double()
+        assert float((gram - torch.eye(block, dtype=torch.float64)).abs().max()) <= 1e-6
+        torch.testing.assert_close(qb.double() @ cb, wb.double(), rtol=0, atol=1e-4)
