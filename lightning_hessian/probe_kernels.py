@@ -38,6 +38,8 @@ from torch.nn import functional as F
 __all__ = ["affine_batch_norm", "fast_conv_forward", "probe_layers"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FORWARDS = {cls._conv_forward for cls in _CONVS}
+_BATCH_NORM_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 
 def _transformed() -> bool:
@@ -171,17 +173,18 @@ def affine_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Ten
 def probe_layers(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s convolutions by :func:`fast_conv_forward` and its BatchNorm layers by :func:`affine_batch_norm`.
 
-    Layers that already carry an instance attribute of that name (a user's own patch) are left alone; everything is
-    restored on exit, also on an exception.
+    Only layers that run PyTorch's own code are rewritten: a subclass that overrides ``forward`` (BatchNorm) or
+    ``_conv_forward`` (convolutions), or a layer that already carries an instance attribute of that name (a user's
+    own patch), is left alone. Everything is restored on exit, also on an exception.
 
     Args:
         model: The module whose layers to rewrite.
     """
     with contextlib.ExitStack() as stack:
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if type(module).forward in _BATCH_NORM_FORWARDS:
                 name, impl = "forward", affine_batch_norm
-            elif isinstance(module, _CONVS):
+            elif isinstance(module, _CONVS) and type(module)._conv_forward in _CONV_FORWARDS:
                 name, impl = "_conv_forward", fast_conv_forward
             else:
                 continue

@@ -105,3 +105,26 @@ def test_a_users_own_instance_patch_is_left_alone():
     with probe_layers(conv):
         assert conv._conv_forward is own
     assert conv._conv_forward is own
+
+
+def test_subclasses_with_their_own_code_are_left_alone():
+    class ScaledConv(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, 2 * weight, bias)
+
+    class ShiftedNorm(nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    class StandardisedConv(nn.Conv1d):  # overrides forward only: still rewritten, with the weight it passes
+        def forward(self, x):
+            return self._conv_forward(x, self.weight / self.weight.norm(), self.bias)
+
+    conv, norm, std = ScaledConv(1, 1, 1).double(), ShiftedNorm(2).double().eval(), StandardisedConv(1, 2, 3).double()
+    x, y, z = (torch.randn(s, dtype=torch.float64) for s in [(1, 1, 2, 2), (3, 2), (2, 1, 5)])
+    before = conv(x), norm(y), std(z)
+    with probe_layers(conv), probe_layers(norm), probe_layers(std):
+        assert "_conv_forward" not in vars(conv) and "forward" not in vars(norm) and "_conv_forward" in vars(std)
+        after = conv(x), norm(y), std(z)
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
