@@ -332,11 +332,17 @@ class _BlockKrylov:
         relation stays exact): the deflation check for eigenvalues the block could not see. Its rows ``0..keep-1``
         are then the leading Ritz vectors in descending order, none locked.
         """
-        if fresh:  # rows 0..keep-1 become the leading Ritz vectors in order (the caller reads them so): unlock all
+        lk = self.locked
+        is_locked = coeffs[:lk].abs().sum(dim=0) > 0 if lk else torch.zeros(self.p, dtype=torch.bool)
+        # rows 0..keep-1 become the leading Ritz vectors in order for the deflation check (the caller reads them so),
+        # and a locked pair pushed out of the wanted ones (larger values found later) must not clog the basis: in
+        # both cases unlock all (one full rotation)
+        stale = wanted > 0 and bool(is_locked[wanted:].any())
+        if fresh or stale:
             self.locked = 0
             self.locked_theta, self.locked_res = self.locked_theta[:0], self.locked_res[:0]
+            is_locked = torch.zeros(self.p, dtype=torch.bool)
         p, q, lk = self.p, self.q, self.locked
-        is_locked = coeffs[:lk].abs().sum(dim=0) > 0 if lk else torch.zeros(p, dtype=torch.bool)
         active = [j for j in range(p) if not is_locked[j]][: max(0, keep - lk)]
         newly = [j for j in active if j < wanted and residuals is not None and float(residuals[j]) <= lock_below]
         rest = [j for j in active if j not in set(newly)]

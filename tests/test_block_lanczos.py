@@ -63,6 +63,21 @@ def test_locking_in_a_tight_basis_keeps_eigenpairs_and_residuals_exact(block):
     torch.testing.assert_close(residual, result.residual_norms, atol=1e-10 * float(reference[0]), rtol=0)
 
 
+def test_locked_pairs_pushed_out_of_the_wanted_ones_are_unlocked():
+    # smallest of a power law in a tight basis: pairs locked early are later outranked; left locked they filled the
+    # basis (36 locked rows for k = 35, no convergence in 50,000 products)
+    n, k = 250, 35
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    matrix = symmetric_with_spectrum(10 * i**-1.1, seed=132)
+    result = lanczos(
+        None, n, k, matmat=lambda x: matrix @ x, block_size=1, which="smallest", tol=1e-10, num_vectors=41,
+        max_matvecs=50000, seed=132,
+    )  # fmt: skip
+    assert result.converged and result.num_locked <= k
+    reference = torch.linalg.eigvalsh(matrix)[:k]
+    assert float((result.eigenvalues - reference).abs().max()) <= 1e-8 * 10
+
+
 def test_small_memory_budget_restarts_and_too_small_raises():
     n, k = 300, 10
     matrix = symmetric_with_spectrum(spectra(n)["power_law"], seed=3)
