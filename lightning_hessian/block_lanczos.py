@@ -345,8 +345,8 @@ class _BlockKrylov:
         p, q, lk = self.p, self.q, self.locked
         active = [j for j in range(p) if not is_locked[j]][: max(0, keep - lk)]
         newly = [j for j in active if j < wanted and residuals is not None and float(residuals[j]) <= lock_below]
-        rest = [j for j in active if j not in set(newly)]
-        cols = newly + rest
+        locking = set(newly)
+        cols = newly + [j for j in active if j not in locking]  # the newly locked ones first
         kept = lk + len(cols)
         rotation = coeffs[lk:p, cols]
         coupling = self.T[p : p + q, lk:p] @ rotation

@@ -172,16 +172,18 @@ def lanczos(
     Delegates to :func:`~lightning_hessian.block_lanczos.block_lanczos`: blocks of ``block_size`` vectors are
     multiplied at once (``matmat`` when given, else ``matvec`` columnwise) and orthogonalised with matrix-matrix
     products (local + global block classical Gram-Schmidt, a second global pass only on severe cancellation,
-    Householder QR with an SVD of the small factor for rank deficiency and breakdown). A Ritz pair is converged when
+    Householder QR with an SVD of the small factor for rank deficiency and breakdown; a single vector is normalised
+    by its float64-accumulated norm). A Ritz pair is converged when
 
     .. math::
 
         \|A x_i - \theta_i x_i\| = \|B s_i\| \le \mathrm{tol} \cdot \max_j |\theta_j|,
 
     with :math:`B` the coupling of the next block to the basis. Thick restarts (block Krylov-Schur; Wu & Simon 2000,
-    Zhou & Saad 2008) rotate the basis in place. After convergence, a short run from a fresh random block orthogonal
-    to the ``k`` Ritz vectors checks for missed copies of repeated eigenvalues (e.g. the I ⊗ A structure of
-    multi-output regression) and resumes the iteration if it finds one.
+    Zhou & Saad 2008) rotate the basis in place; wanted pairs converged to ``1e-3 tol`` are locked there (their
+    residual-sized coupling dropped, Stewart 2001), so later restarts rotate only the other rows. After convergence, a
+    short run from a fresh random block orthogonal to the ``k`` Ritz vectors checks for missed copies of repeated
+    eigenvalues (e.g. the I ⊗ A structure of multi-output regression) and resumes the iteration if it finds one.
 
     Memory: the basis holds ``rows = min(n, num_vectors + b)`` vectors of ``n`` entries, chosen to fit
     ``max_basis_bytes`` together with four work blocks (default: 25% of the available memory of ``device``, capped
