@@ -53,6 +53,7 @@ __all__ = ["EigenResult", "MatMat", "MatVec", "block_lanczos", "random_block"]
 
 _SQRT_HALF = 0.7071067811865476
 _CHUNK_BYTES = 64 * 2**20  # column chunk of the in-place restart rotation
+_CHECK_EVERY_BLOCK = 64  # bases up to this size are checked for convergence after every block
 _LOCK = 1e-3  # a pair is locked once its residual is this share of the tolerance (keeps residuals faithful)
 
 
@@ -448,6 +449,7 @@ def block_lanczos(
     return_eigenvectors: bool = False,
     max_basis_bytes: int | None = None,
     return_basis: bool = False,
+    check_missed: bool = True,
 ) -> EigenResult:
     r"""Extreme eigenpairs by block thick-restart Lanczos (see the module docstring for the method).
 
@@ -473,6 +475,8 @@ def block_lanczos(
             ``device`` (capped at 32 GiB).
         return_basis: Also return the Ritz pairs of the whole final projection (``basis_values``,
             ``basis_vectors``: ``p`` vectors of ``n`` entries, a new tensor; rows of the basis beyond them are freed).
+        check_missed: Run the missed-eigenvalue check after convergence (``False`` saves its ``max(8, m / 8)`` or
+            more products, for monitoring solves that accept a cluster beyond the block being found late).
 
     Returns:
         An :class:`EigenResult`.
@@ -520,8 +524,11 @@ def block_lanczos(
         given = start.reshape(n, -1).to(device=device, dtype=dtype)
         first = torch.cat([given, first[:, : block - given.shape[1]]], dim=1)
     krylov.start(first)
-    check_every = max(1, max(8, size // 8) // block)
-    blocks, rounds, saved = 0, 0, None
+    # a small projection costs microseconds to solve: check it after every block (a top-8 solve stops at the product
+    # it converges at); a large one every max(8, m / 8) products
+    check_every = 1 if size <= _CHECK_EVERY_BLOCK else max(1, max(8, size // 8) // block)
+    span = max(8, size // 8)  # products of one missed-eigenvalue check
+    blocks, rounds, saved, check_from, kept_all = 0, 0, None, 0, False
     basis: tuple[Tensor, Tensor] | None = None
     theta = coeffs = residuals = None
     converged = complete = False
@@ -544,7 +551,7 @@ def block_lanczos(
         if saved is not None:  # a deflation check is running
             if theta.numel() >= k and float(theta[k - 1]) > float(saved[0][k - 1]) + tol * scale:
                 saved = None  # a missed eigenvalue (a multiplicity beyond the block): keep iterating
-            elif complete or out_of_budget or no_room or krylov.p - k >= max(8, size // 8):
+            elif complete or out_of_budget or no_room or krylov.p - check_from >= span:
                 theta, residuals = saved
                 wanted, converged, coeffs = k, True, None  # rows 0..k-1 hold the saved Ritz vectors
                 break
@@ -556,17 +563,24 @@ def block_lanczos(
         if converged:
             if return_basis and rounds == 0:  # the Krylov space of the run itself, before any missed-eigenvalue check
                 basis = _basis_pairs(krylov, sign, dtype)
-            if rounds >= 8 or out_of_budget or k + krylov.q + block > n or k + krylov.q + 2 * block > rows:
+            no_check = not check_missed or rounds >= 8 or out_of_budget
+            if no_check or k + krylov.q + block > n or k + krylov.q + 2 * block > rows:
                 break
             rounds += 1
             saved = (theta[:k].clone(), residuals[:k].clone())
-            krylov.restart(theta, coeffs, keep=max(k, krylov.locked), fresh=True)
-            coeffs = None
+            # with room, the check keeps every Ritz vector (the basis only grows: its products extend the Krylov
+            # space that return_basis hands out), else the k wanted ones
+            kept_all = krylov.p + krylov.q + span + block <= min(rows, n)
+            keep = krylov.p if kept_all else max(k, krylov.locked)
+            krylov.restart(theta, coeffs, keep=keep, fresh=True)
+            check_from, coeffs = krylov.p, None
     basis_values = basis_vectors = None
     if return_basis:
-        # every Ritz pair of one Rayleigh-Ritz projection: the run's own Krylov space when it converged (the check's
-        # fresh random block adds directions far from the top of the spectrum), else the final one
-        basis_values, basis_vectors = basis if basis is not None and rounds <= 1 else _basis_pairs(krylov, sign, dtype)
+        # every Ritz pair of one Rayleigh-Ritz projection: the final one when the check kept the whole basis (the run's
+        # Krylov space and the check's), else the run's own Krylov space when it converged (a check that kept only the
+        # k wanted vectors lost the others)
+        use_run = basis is not None and rounds <= 1 and not kept_all
+        basis_values, basis_vectors = basis if use_run else _basis_pairs(krylov, sign, dtype)
     if coeffs is not None:  # rotate the wanted Ritz vectors into rows 0..wanted-1
         krylov.V.rotate(krylov.p, coeffs[:, :wanted].to(device=krylov.device, dtype=dtype))
     vectors = None

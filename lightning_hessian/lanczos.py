@@ -166,6 +166,7 @@ def lanczos(
     block_size: int | None = None,
     max_basis_bytes: int | None = None,
     return_basis: bool = False,
+    check_missed: bool = True,
 ) -> EigenResult:
     r"""Extreme eigenpairs of a symmetric operator by block thick-restart Lanczos (BLAS-3, bounded memory).
 
@@ -210,6 +211,7 @@ def lanczos(
         max_basis_bytes: Memory budget of the basis in bytes (see above).
         return_basis: Also return every Ritz pair of the final Rayleigh-Ritz projection
             (``EigenResult.basis_values`` / ``basis_vectors``, e.g. for a deflated trace at no product).
+        check_missed: Run the missed-eigenvalue check after convergence (see above); ``False`` saves its products.
 
     Returns:
         An :class:`EigenResult`; ``converged`` is ``False`` when the budget ran out first (the values are then the
@@ -236,6 +238,7 @@ def lanczos(
         return_eigenvectors=return_eigenvectors,
         max_basis_bytes=max_basis_bytes,
         return_basis=return_basis,
+        check_missed=check_missed,
     )
 
 

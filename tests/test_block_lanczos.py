@@ -174,3 +174,44 @@ def test_float32_basis_vectors_are_normalised_with_float64_accumulation():
         gram = qb.double().T @ qb.double()
         assert float((gram - torch.eye(block, dtype=torch.float64)).abs().max()) <= 1e-6
         torch.testing.assert_close(qb.double() @ cb, wb.double(), rtol=0, atol=1e-4)
+
+
+def test_small_basis_stops_at_the_product_it_converges_at():
+    # a basis of <= 64 rows is checked after every block, so one product fewer does not converge
+    n, k = 300, 6
+    matrix = symmetric_with_spectrum(spectra(n)["power_law"], seed=4)
+    run = lanczos(lambda v: matrix @ v, n, k, tol=1e-8, check_missed=False)
+    assert run.converged and run.num_restarts == 0
+    short = lanczos(lambda v: matrix @ v, n, k, tol=1e-8, check_missed=False, max_matvecs=run.num_matvecs - 1)
+    assert not short.converged
+    reference = torch.linalg.eigvalsh(matrix).flip(0)[:k]
+    assert ((run.eigenvalues - reference).abs() / reference[0]).max() <= 1e-12
+
+
+def test_skipping_the_missed_eigenvalue_check_saves_its_products():
+    n, k = 150, 3
+    eig = torch.cat([torch.tensor([6.0, 6.0]), torch.linspace(0.0, 4.0, n - 2)]).double()
+    matrix = symmetric_with_spectrum(eig, seed=2)
+    checked = lanczos(lambda v: matrix @ v, n, k, tol=1e-10)
+    unchecked = lanczos(lambda v: matrix @ v, n, k, tol=1e-10, check_missed=False)
+    expected = torch.tensor([6.0, 6.0, 4.0]).double()
+    torch.testing.assert_close(checked.eigenvalues, expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(unchecked.eigenvalues, expected, rtol=0, atol=1e-9)  # rounding found the copy here
+    assert checked.num_matvecs - unchecked.num_matvecs >= 8
+
+
+def test_check_with_room_keeps_the_whole_basis_for_return_basis():
+    # with room the check only appends to the run's Krylov space: return_basis gets both (more deflation for a trace)
+    n, k = 400, 8
+    matrix = symmetric_with_spectrum(spectra(n)["power_law"], seed=6)
+    roomy = lanczos(lambda v: matrix @ v, n, k, tol=1e-8, num_vectors=k + 60, return_basis=True, seed=3)
+    plain = lanczos(lambda v: matrix @ v, n, k, tol=1e-8, num_vectors=k + 60, check_missed=False, seed=3)
+    assert roomy.converged and plain.converged
+    p = roomy.basis_values.numel()
+    assert p == roomy.num_matvecs > plain.num_matvecs  # every product is a basis direction
+    x, theta = roomy.basis_vectors, roomy.basis_values
+    torch.testing.assert_close(x.T @ x, torch.eye(p, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(x.T @ matrix @ x, torch.diag(theta), atol=1e-10, rtol=0)
+    reference = torch.linalg.eigvalsh(matrix).flip(0)[:k]
+    torch.testing.assert_close(roomy.eigenvalues, reference, rtol=0, atol=1e-8 * float(reference[0]))
+    torch.testing.assert_close(roomy.eigenvalues, plain.eigenvalues, rtol=0, atol=1e-8 * float(reference[0]))

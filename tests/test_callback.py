@@ -187,6 +187,39 @@ def test_metrics_match_dense_float64_reference(tmp_path):
     assert float(trainer_metrics := cb.history[-1]["metrics"]["hessian/lambda_max"]) == trainer_metrics
 
 
+def test_cheap_probe_trace_deflates_every_direction_of_its_solve(tmp_path, monkeypatch):
+    # the cheap probe's basis holds its whole run and check (no restart): each eigen product adds one exact
+    # deflation direction (V^T H V = diag(theta) against the dense Hessian), the samples are the only extra products
+    import lightning_hessian.callback.analyses as analyses
+
+    recorded = []
+    real = analyses.deflated_trace
+
+    def spy(matvec, n, deflation, **kwargs):
+        recorded.append((deflation.detach().clone(), kwargs["ritz_values"].detach().clone()))
+        return real(matvec, n, deflation, **kwargs)
+
+    monkeypatch.setattr(analyses, "deflated_trace", spy)
+    torch.manual_seed(3)
+    data = make_data(n=40, d_in=6, seed=3)
+    model = Net(d_in=6, width=12)
+    cb = HessianSpectrum(
+        top_k=6, probe_samples=len(data), dtype="float64", tol=1e-10, trace_samples=5, num_tracked=3,
+        probe_at_init=False, powerlaw_every_n_epochs=None, **{**QUIET, "trace": True},
+    )  # fmt: skip
+    trainer(tmp_path, [cb], max_epochs=2).fit(model, DataLoader(data, batch_size=40))
+    last = cb.history[-1]
+    assert not last["full"] and len(recorded) == 2
+    vectors, values = recorded[-1]
+    assert vectors.shape[1] == last["metrics"]["hessian/hvps"] - 5
+    hess = dense_hessian(model, data)
+    scale = float(torch.linalg.eigvalsh(hess).abs().max())
+    torch.testing.assert_close(vectors.T @ hess @ vectors, torch.diag(values), atol=1e-9 * scale, rtol=0)
+    torch.testing.assert_close(
+        vectors.T @ vectors, torch.eye(vectors.shape[1], dtype=torch.float64), atol=1e-10, rtol=0
+    )
+
+
 def test_per_layer_lambda_max_matches_dense_blocks(tmp_path):
     torch.manual_seed(1)
     data = make_data(n=32)

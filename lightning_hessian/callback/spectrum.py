@@ -198,7 +198,7 @@ class HessianSpectrum(Callback):
         powerlaw_every_n_epochs: int | None = 10,
         num_tracked: int = 8,
         tol: float = 1e-6,
-        trace_samples: int = 16,
+        trace_samples: int = 24,
         density_probes: int = 4,
         density_steps: int = 64,
         probe_batch_size: int | None = None,
