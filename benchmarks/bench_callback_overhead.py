@@ -2,7 +2,7 @@
 
 Setting: the example's 64 -> 50 -> 50 -> 10 ReLU MLP (6,310 parameters) on scikit-learn digits (1,437 training
 samples, batch 64, SGD), probe set of 1,024 samples, float32; default schedule (cheap probe every epoch: top-8
-Lanczos with warm start + 16-sample Hutchinson trace; full probe every 5 epochs: top-200 + SLQ density).
+Lanczos with warm start + 24-sample Hutchinson trace; full probe every 5 epochs: top-200 + SLQ density).
 
 The schedule runs exactly (the default ``max_overhead=None``) to measure each probe; a last fit uses the guard
 ``max_overhead=0.25``.
