@@ -128,3 +128,55 @@ def test_subclasses_with_their_own_code_are_left_alone():
         after = conv(x), norm(y), std(z)
     for a, b in zip(after, before):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
+def _gelu_net() -> nn.Module:
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, activation="gelu", batch_first=True)
+    return nn.Sequential(nn.Linear(8, 8), nn.GELU(), encoder).double().eval()
+
+
+def test_gelu_second_derivatives_match_pytorch_and_reuse_across_products(monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lightning_hessian import probe_kernels
+
+    net = _gelu_net()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3)).double()
+    params = list(net.parameters())
+    gen = torch.Generator().manual_seed(4)
+    vs = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(3)]
+
+    def hvps() -> list[list[torch.Tensor]]:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            out = net(x)
+        grads = torch.autograd.grad((out**2).sum() + out.sum(), params, create_graph=True)
+        return [list(torch.autograd.grad(grads, params, v, retain_graph=True)) for v in vs]  # one cached graph
+
+    reference = hvps()
+    calls = []
+    apply = probe_kernels._Gelu.apply
+    monkeypatch.setattr(probe_kernels._Gelu, "apply", lambda *a: calls.append(1) or apply(*a))
+    with probe_layers(net):
+        assert net[2].activation is probe_kernels.fast_gelu
+        ours = hvps()
+    assert len(calls) == 2, "both GELUs (module and encoder activation) must run rewritten"
+    assert net[2].activation is torch.nn.functional.gelu and "forward" not in vars(net[1])
+    for mine, ref in zip(ours, reference):  # the second and third products reuse the first one's gelu''
+        for a, b in zip(mine, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_gelu_tanh_form_and_third_order_are_not_rewritten_silently():
+    from lightning_hessian.probe_kernels import fast_gelu
+
+    x = torch.randn(7, generator=torch.Generator().manual_seed(5)).double().requires_grad_(True)
+    tanh = nn.GELU(approximate="tanh").double()
+    with probe_layers(tanh):
+        torch.testing.assert_close(tanh(x), nn.functional.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(fast_gelu(x).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), x, create_graph=True)
+    pdf = torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+    torch.testing.assert_close(h, pdf * (2 - x * x), rtol=1e-12, atol=1e-12)  # gelu''(x), closed form
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(h.sum(), x)  # a third derivative would miss terms: it raises instead
