@@ -10,8 +10,9 @@ Models (float32, eval mode, seeded random data; nothing is downloaded):
 
 For each model, in one process and side by side: seconds of one probe gradient (``op.gradient()``, the unit),
 seconds per product of each strategy (``cached``, ``double_backward``, ``forward_over_reverse``), per product inside
-a block of 8 (``op.matmat``), the strategy ``cache_graph="auto"`` chooses, and the peak RSS. Timings are the median
-of a few repeats after a warm-up; on a shared machine they are noisy, the ratios (taken in the same run) less so.
+a block of 8 (``op.matmat``), the strategy ``cache_graph="auto"`` chooses, and the peak RSS. Each of ``--repeats``
+rounds (default 5, after a warm-up) times the gradient and then every product once; a ratio is the median over rounds
+of product seconds / that round's gradient seconds (this shared machine drifts by 10% between runs).
 
 Solver rows (:func:`solver_rows`, ``--solver mlp1m``: probe seconds / (HVPs x s/HVP) for top-20 and top-200 per
 block size, and the previous single-vector solver) and the fit overhead of the default schedule
@@ -89,6 +90,13 @@ def peak_rss_mib() -> float:
 
 
 def measure(name: str, quick: bool, repeats: int) -> dict[str, Any]:
+    """Gradient seconds and each strategy's single and block-of-8 product, as ratios measured round by round.
+
+    Every round times the gradient and then each product once (ops under 20 ms repeated to 20 ms), so a ratio
+    compares timings taken seconds apart (this shared machine drifts by 10% between runs); the row holds the median
+    gradient seconds and, per product, the median over rounds of its ratio to that round's gradient (``*_ratio``)
+    and its median seconds (``*_s``).
+    """
     model, loss_fn, batches = MODELS[name](quick)
     auto = HessianOperator(model, loss_fn, batches)
     row: dict[str, Any] = {"model": name, "params": auto.num_params, "auto": auto.strategy}
@@ -96,12 +104,32 @@ def measure(name: str, quick: bool, repeats: int) -> dict[str, Any]:
     v = torch.randn(auto.num_params, generator=gen)
     block = torch.randn(auto.num_params, BLOCK, generator=gen)
     # the unit: a fresh forward + backward of every probe batch (not the cached operator's stored gradient)
-    row["grad_s"] = timed(HessianOperator(model, loss_fn, batches, cache_graph=False).gradient, repeats)
-    for strategy in STRATEGIES:
-        op = HessianOperator(model, loss_fn, batches, strategy=strategy)
-        row[f"{strategy}_s"] = timed(lambda op=op: op.matvec(v), repeats)
-        row[f"{strategy}_block_s"] = timed(lambda op=op: op.matmat(block), max(1, repeats // 2)) / BLOCK
-        del op
+    plain = HessianOperator(model, loss_fn, batches, cache_graph=False)
+    ops = {s: HessianOperator(model, loss_fn, batches, strategy=s) for s in STRATEGIES}
+    runs: dict[str, Callable[[], Any]] = {"grad": plain.gradient}
+    for strategy, op in ops.items():
+        runs[f"{strategy}"] = lambda op=op: op.matvec(v)
+        runs[f"{strategy}_block"] = lambda op=op: op.matmat(block)
+    calls = {}
+    for key, fn in runs.items():
+        fn()  # warm-up (builds the cached graphs), then calls per round for at least 20 ms (a millisecond op's
+        start = time.perf_counter()  # timing is otherwise its caches' state after the previous op)
+        fn()
+        calls[key] = max(1, round(0.02 / (time.perf_counter() - start)))
+    seconds: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(max(1, repeats)):
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            for _call in range(calls[key]):
+                fn()
+            per = calls[key] * (BLOCK if key.endswith("_block") else 1)
+            seconds[key].append((time.perf_counter() - start) / per)
+    row["grad_s"] = statistics.median(seconds["grad"])
+    for key in runs:
+        if key != "grad":
+            row[f"{key}_s"] = statistics.median(seconds[key])
+            row[f"{key}_ratio"] = statistics.median(s / g for s, g in zip(seconds[key], seconds["grad"]))
+    del ops
     row["rss_mib"] = peak_rss_mib()
     return row
 
@@ -315,7 +343,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the product timings")
     parser.add_argument("--models", default="mlp,resnet,transformer")
     parser.add_argument("--solver", default="", help="models for the solver rows, e.g. mlp1m,resnet (slow)")
     parser.add_argument("--blocks", default="1,4,8", help="block sizes of the solver rows")
@@ -336,8 +364,8 @@ def main() -> None:
     for r in rows:
         g = r["grad_s"]
         cells = [r["model"], f"{r['params']:,}", f"{g:.4f}"]
-        cells += [f"{r[f'{s}_s']:.4f} ({r[f'{s}_s'] / g:.2f})" for s in STRATEGIES]
-        cells += [f"{r[f'{s}_block_s']:.4f} ({r[f'{s}_block_s'] / g:.2f})" for s in STRATEGIES]
+        cells += [f"{r[f'{s}_s']:.4f} ({r[f'{s}_ratio']:.2f})" for s in STRATEGIES]
+        cells += [f"{r[f'{s}_block_s']:.4f} ({r[f'{s}_block_ratio']:.2f})" for s in STRATEGIES]
         cells += [r["auto"], f"{r['rss_mib']:.0f}"]
         print("| " + " | ".join(cells) + " |")
     for name in filter(None, args.solver.split(",")):

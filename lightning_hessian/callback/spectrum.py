@@ -12,9 +12,10 @@ probe (warm-started Lanczos for the top ``num_tracked`` eigenpairs: ``lambda_max
 overlap, and the Ritz-deflated trace) runs on every ``every_n_epochs``-th call of the hook; every
 ``powerlaw_every_n_epochs // every_n_epochs``-th probe, counting the probe at init as the first (else the first epoch
 probe), is a *full* probe that also computes the top ``top_k`` eigenvalues for the power-law test of Xie et al.
-(2022) and, if ``density``, the SLQ density (Ghorbani et al. 2019). Cost (measured): one HVP costs 1.3 gradient
-evaluations of the probe set on the digits MLP, 2.4 on a ResNet-style CNN and 2.1 on a small Transformer; a cheap
-probe takes 52-56 HVPs with the defaults, a full probe 850-1,200 on digits (top-200 plus 256 for the density).
+(2022) and, if ``density``, the SLQ density (Ghorbani et al. 2019). Cost (measured): one HVP costs 1.15 gradient
+evaluations of the probe set on the digits MLP, 1.99 on a ResNet-style CNN and 1.81 on a small Transformer; a cheap
+probe takes 57-63 HVPs with the defaults (its top-8 solve also deflates the trace), a full probe 930-1,210 on digits
+(top-200 plus 256 for the density).
 
 What a key holds (EarlyStopping reads ``trainer.callback_metrics``, which keeps a key's last logged value):
 
