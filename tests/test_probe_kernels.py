@@ -151,7 +151,9 @@ def test_gelu_second_derivatives_match_pytorch_and_reuse_across_products(monkeyp
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
             out = net(x)
         grads = torch.autograd.grad((out**2).sum() + out.sum(), params, create_graph=True)
-        return [list(torch.autograd.grad(grads, params, v, retain_graph=True)) for v in vs]  # one cached graph
+        singles = [list(torch.autograd.grad(grads, params, v, retain_graph=True)) for v in vs]  # one cached graph
+        stacked = [torch.stack(column) for column in zip(*vs)]  # the same three products as one batched call
+        return [*singles, list(torch.autograd.grad(grads, params, stacked, is_grads_batched=True))]
 
     reference = hvps()
     calls = []
