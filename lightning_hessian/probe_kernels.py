@@ -17,15 +17,17 @@ PyTorch's generic double backward does more work than the mathematics needs:
 * **BatchNorm in eval mode** normalises with its running statistics, so it is the per-channel affine map
   :math:`y = x s + t`, :math:`s = \gamma / \sqrt{\hat\sigma^2 + \epsilon}`, :math:`t = \beta - \hat\mu s`
   (:func:`affine_batch_norm`); its double backward is two products instead of the generic ``batch_norm`` one.
-* **GELU** (``nn.GELU``, and the ``F.gelu`` activation of ``nn.TransformerEncoderLayer/DecoderLayer``; exact erf form).
-  The backward is :math:`g_x = g\,\mathrm{gelu}'(x)` with :math:`\mathrm{gelu}'(x) = \Phi(x) + x\varphi(x)`; its
-  vector-Jacobian product is :math:`(\dot g\,\mathrm{gelu}'(x),\ \dot g\, g\, \mathrm{gelu}''(x))` with
-  :math:`\mathrm{gelu}''(x) = \varphi(x)(2 - x^2)`. Both factors are fixed during a probe, so each product after the
-  first costs two multiplications (:class:`_GeluBackward`), and its pass back through the forward graph one (the
-  cached :math:`\mathrm{gelu}'(x)`); PyTorch's ``gelu_backward`` derivative recomputes :math:`\varphi` and
-  :math:`\Phi` each time.
+* **GELU and SiLU** (``nn.GELU``, ``nn.SiLU`` and the ``F.gelu``/``F.silu`` activation of
+  ``nn.TransformerEncoderLayer/DecoderLayer``; GELU in its exact erf form, SiLU out of place). The backward of a
+  pointwise :math:`f` is :math:`g_x = g f'(x)`; its vector-Jacobian product is
+  :math:`(\dot g f'(x),\ \dot g\, g f''(x))`, with :math:`\mathrm{gelu}' = \Phi + x\varphi`,
+  :math:`\mathrm{gelu}'' = \varphi (2 - x^2)`, :math:`\mathrm{silu}' = \sigma(1 + x(1 - \sigma))`,
+  :math:`\mathrm{silu}'' = \sigma(1 - \sigma)(2 + x(1 - 2\sigma))`. Both factors are fixed during a probe, so each
+  product after the first costs two multiplications (:class:`_PointwiseBackward`), and its pass back through the
+  forward graph one (the cached :math:`f'(x)`); PyTorch's ``gelu_backward``/``silu_backward`` derivatives recompute
+  :math:`\varphi, \Phi` or :math:`\sigma` each time (1.8-2.0 ms against 0.7 ms for tanh on a 1024 x 512 block).
 
-:func:`probe_layers` installs both on a model's layers for the duration of a block (instance attributes, removed on
+:func:`probe_layers` installs them on a model's layers for the duration of a block (instance attributes, removed on
 exit). Results equal the layers' own up to rounding. Inside ``torch.func`` transforms (the forward-over-reverse
 strategy, Jacobians), under autocast and for string paddings (``"same"``) the layers' own code runs.
 
@@ -36,13 +38,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["affine_batch_norm", "fast_conv_forward", "fast_gelu", "probe_layers"]
+__all__ = ["affine_batch_norm", "fast_conv_forward", "fast_gelu", "fast_silu", "probe_layers"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FORWARDS = {cls._conv_forward for cls in _CONVS}
@@ -149,18 +152,48 @@ def fast_conv_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor
     return out.squeeze(0) if unbatched else out
 
 
+@dataclass(frozen=True)
+class _Activation:
+    """A pointwise activation ``f`` with its first and second derivatives (for :class:`_Pointwise`)."""
+
+    name: str
+    function: Callable[[Tensor], Tensor]
+    slope: Callable[[Tensor], Tensor]
+    curvature: Callable[[Tensor], Tensor]
+
+
 def _gelu_slope(x: Tensor) -> Tensor:
-    r""":math:`\mathrm{gelu}'(x) = \Phi(x) + x \varphi(x)`."""
     return 0.5 * (1.0 + torch.erf(x * _SQRT_HALF)) + x * (torch.exp(-0.5 * x * x) * _INV_SQRT_2PI)
 
 
-class _GeluBackward(torch.autograd.Function):
-    """``g_x = g gelu'(x)`` whose vector-Jacobian product reuses ``gelu'(x)`` and ``g gelu''(x)`` (module docstring)."""
+def _gelu_curvature(x: Tensor) -> Tensor:
+    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2.0 - x * x)
+
+
+def _silu_slope(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _silu_curvature(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
+#: gelu (erf form): gelu' = Phi + x phi, gelu'' = phi (2 - x^2)
+_GELU = _Activation("gelu", F.gelu, _gelu_slope, _gelu_curvature)
+#: silu = x sigma: silu' = sigma (1 + x (1 - sigma)), silu'' = sigma (1 - sigma) (2 + x (1 - 2 sigma))
+_SILU = _Activation("silu", F.silu, _silu_slope, _silu_curvature)
+
+
+class _PointwiseBackward(torch.autograd.Function):
+    """``g_x = g f'(x)`` whose vector-Jacobian product reuses ``f'(x)`` and ``g f''(x)`` (module docstring)."""
 
     @staticmethod
-    def forward(ctx, grad: Tensor, x: Tensor, slope: Tensor) -> Tensor:
+    def forward(ctx, grad: Tensor, x: Tensor, slope: Tensor, activation: _Activation) -> Tensor:
         ctx.save_for_backward(grad, x, slope)
-        ctx.curvature = None  # g gelu''(x), built by the first product and reused by the next ones
+        ctx.activation = activation
+        ctx.curvature = None  # g f''(x), built by the first product and reused by the next ones
         return grad * slope
 
     @staticmethod
@@ -172,33 +205,38 @@ class _GeluBackward(torch.autograd.Function):
         d_x = None
         if need_x:
             if ctx.curvature is None:
-                ctx.curvature = grad * (torch.exp(-0.5 * x * x) * _INV_SQRT_2PI) * (2.0 - x * x)
+                ctx.curvature = grad * ctx.activation.curvature(x)
             d_x = dot * ctx.curvature
-        return d_grad, d_x, None
+        return d_grad, d_x, None, None
 
 
-class _Gelu(torch.autograd.Function):
-    """``y = gelu(x)`` (erf form) whose backward is :class:`_GeluBackward`."""
+class _Pointwise(torch.autograd.Function):
+    """``y = f(x)`` for an :class:`_Activation` ``f``, whose backward is :class:`_PointwiseBackward`."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, activation: _Activation) -> Tensor:
         ctx.save_for_backward(x)
-        ctx.slope = None  # gelu'(x), built by the first backward through this node and reused by the next ones
-        return F.gelu(x)
+        ctx.activation = activation
+        ctx.slope = None  # f'(x), built by the first backward through this node and reused by the next ones
+        return activation.function(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
         if ctx.slope is None:
             with torch.no_grad():
-                ctx.slope = _gelu_slope(x)
+                ctx.slope = ctx.activation.slope(x)
         if torch.is_grad_enabled():  # a create_graph backward: the node whose vector-Jacobian product is cheap
-            return _GeluBackward.apply(grad, x, ctx.slope)
-        return grad * ctx.slope  # a plain backward, e.g. an HVP's pass back through the forward graph
+            return _PointwiseBackward.apply(grad, x, ctx.slope, ctx.activation), None
+        return grad * ctx.slope, None  # a plain backward, e.g. an HVP's pass back through the forward graph
+
+
+def _rewritable(x: Tensor) -> bool:
+    return not (_transformed() or _autocast(x.device.type) or not x.is_floating_point())
 
 
 def fast_gelu(x: Tensor, approximate: str = "none") -> Tensor:
-    """``F.gelu(x, approximate)`` with the cheap double backward of :class:`_GeluBackward` (exact form only).
+    """``F.gelu(x, approximate)`` with the cheap double backward of :class:`_PointwiseBackward` (exact form only).
 
     Args:
         x: Input.
@@ -207,13 +245,32 @@ def fast_gelu(x: Tensor, approximate: str = "none") -> Tensor:
     Returns:
         ``F.gelu(x, approximate=approximate)``, equal up to rounding.
     """
-    if approximate != "none" or _transformed() or _autocast(x.device.type) or not x.is_floating_point():
+    if approximate != "none" or not _rewritable(x):
         return F.gelu(x, approximate=approximate)
-    return _Gelu.apply(x)
+    return _Pointwise.apply(x, _GELU)
+
+
+def fast_silu(x: Tensor, inplace: bool = False) -> Tensor:
+    """``F.silu(x, inplace)`` with the cheap double backward of :class:`_PointwiseBackward` (out of place only).
+
+    Args:
+        x: Input.
+        inplace: ``True`` runs ``F.silu`` itself (its in-place write is part of the caller's contract).
+
+    Returns:
+        ``F.silu(x, inplace=inplace)``, equal up to rounding.
+    """
+    if inplace or not _rewritable(x):
+        return F.silu(x, inplace=inplace)
+    return _Pointwise.apply(x, _SILU)
 
 
 def _gelu_module_forward(module: nn.GELU, x: Tensor) -> Tensor:
     return fast_gelu(x, module.approximate)
+
+
+def _silu_module_forward(module: nn.SiLU, x: Tensor) -> Tensor:
+    return fast_silu(x, module.inplace)
 
 
 def affine_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
@@ -252,9 +309,10 @@ def affine_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Ten
 def probe_layers(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s convolutions, BatchNorm and GELU layers by the rewritten functions of this module.
 
-    Convolutions use :func:`fast_conv_forward`, BatchNorm layers :func:`affine_batch_norm`, ``nn.GELU`` and the
-    ``F.gelu`` activation of ``nn.TransformerEncoderLayer/DecoderLayer`` :func:`fast_gelu`. Only layers that run
-    PyTorch's own code are rewritten: a subclass that overrides ``forward`` (BatchNorm, GELU) or ``_conv_forward``
+    Convolutions use :func:`fast_conv_forward`, BatchNorm layers :func:`affine_batch_norm`, ``nn.GELU``/``nn.SiLU``
+    and the ``F.gelu``/``F.silu`` activation of ``nn.TransformerEncoderLayer/DecoderLayer`` :func:`fast_gelu` /
+    :func:`fast_silu`. Only layers that run PyTorch's own code are rewritten: a subclass that overrides ``forward``
+    (BatchNorm, GELU, SiLU) or ``_conv_forward``
     (convolutions), or a layer that already carries an instance attribute of that name (a user's own patch), is left
     alone. Everything is restored on exit, also on an exception.
 
@@ -263,9 +321,11 @@ def probe_layers(model: nn.Module) -> Iterator[None]:
     """
     with contextlib.ExitStack() as stack:
         for module in model.modules():
-            if isinstance(module, _TRANSFORMER_LAYERS) and vars(module).get("activation") is F.gelu:
-                module.activation = fast_gelu  # a plain attribute of these layers: swapped and put back
-                stack.callback(setattr, module, "activation", F.gelu)
+            activation = vars(module).get("activation") if isinstance(module, _TRANSFORMER_LAYERS) else None
+            if activation is F.gelu or activation is F.silu:
+                # a plain attribute of these layers: swapped and put back
+                module.activation = fast_gelu if activation is F.gelu else fast_silu
+                stack.callback(setattr, module, "activation", activation)
                 continue
             if type(module).forward in _BATCH_NORM_FORWARDS:
                 name, impl = "forward", affine_batch_norm
@@ -273,6 +333,8 @@ def probe_layers(model: nn.Module) -> Iterator[None]:
                 name, impl = "_conv_forward", fast_conv_forward
             elif type(module).forward is nn.GELU.forward:
                 name, impl = "forward", _gelu_module_forward
+            elif type(module).forward is nn.SiLU.forward:
+                name, impl = "forward", _silu_module_forward
             else:
                 continue
             if name not in vars(module):

@@ -130,18 +130,21 @@ def test_subclasses_with_their_own_code_are_left_alone():
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
 
 
-def _gelu_net() -> nn.Module:
+def _activation_net(name: str) -> nn.Module:
     torch.manual_seed(0)
-    encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, activation="gelu", batch_first=True)
-    return nn.Sequential(nn.Linear(8, 8), nn.GELU(), encoder).double().eval()
+    function, module = {"gelu": (nn.functional.gelu, nn.GELU()), "silu": (nn.functional.silu, nn.SiLU())}[name]
+    encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, activation=function, batch_first=True)
+    return nn.Sequential(nn.Linear(8, 8), module, encoder).double().eval()
 
 
-def test_gelu_second_derivatives_match_pytorch_and_reuse_across_products(monkeypatch):
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_activation_second_derivatives_match_pytorch_and_reuse_across_products(name, monkeypatch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lightning_hessian import probe_kernels
 
-    net = _gelu_net()
+    net = _activation_net(name)
+    function = net[2].activation
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3)).double()
     params = list(net.parameters())
     gen = torch.Generator().manual_seed(4)
@@ -157,28 +160,35 @@ def test_gelu_second_derivatives_match_pytorch_and_reuse_across_products(monkeyp
 
     reference = hvps()
     calls = []
-    apply = probe_kernels._Gelu.apply
-    monkeypatch.setattr(probe_kernels._Gelu, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = probe_kernels._Pointwise.apply
+    monkeypatch.setattr(probe_kernels._Pointwise, "apply", lambda *a: calls.append(1) or apply(*a))
     with probe_layers(net):
-        assert net[2].activation is probe_kernels.fast_gelu
+        assert net[2].activation is getattr(probe_kernels, f"fast_{name}")
         ours = hvps()
-    assert len(calls) == 2, "both GELUs (module and encoder activation) must run rewritten"
-    assert net[2].activation is torch.nn.functional.gelu and "forward" not in vars(net[1])
+    assert len(calls) == 2, "both activations (module and encoder activation) must run rewritten"
+    assert net[2].activation is function and "forward" not in vars(net[1])
     for mine, ref in zip(ours, reference):  # the second and third products reuse the first one's gelu''
         for a, b in zip(mine, ref):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_gelu_tanh_form_and_third_order_are_not_rewritten_silently():
-    from lightning_hessian.probe_kernels import fast_gelu
+def test_gelu_tanh_form_inplace_silu_and_third_order_are_not_rewritten_silently():
+    from lightning_hessian.probe_kernels import fast_gelu, fast_silu
 
     x = torch.randn(7, generator=torch.Generator().manual_seed(5)).double().requires_grad_(True)
     tanh = nn.GELU(approximate="tanh").double()
-    with probe_layers(tanh):
+    inplace = nn.SiLU(inplace=True)
+    with probe_layers(nn.Sequential(tanh, inplace)):
         torch.testing.assert_close(tanh(x), nn.functional.gelu(x, approximate="tanh"), rtol=0, atol=0)
+        y = x.detach().clone()
+        assert inplace(y) is y  # the in-place SiLU keeps its own code (and its write)
     (g,) = torch.autograd.grad(fast_gelu(x).sum(), x, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), x, create_graph=True)
     pdf = torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
     torch.testing.assert_close(h, pdf * (2 - x * x), rtol=1e-12, atol=1e-12)  # gelu''(x), closed form
+    (gs,) = torch.autograd.grad(fast_silu(x).sum(), x, create_graph=True)
+    (hs,) = torch.autograd.grad(gs.sum(), x, create_graph=True)
+    (hs_ref,) = torch.autograd.grad(torch.autograd.grad(nn.functional.silu(x).sum(), x, create_graph=True)[0].sum(), x)
+    torch.testing.assert_close(hs, hs_ref, rtol=1e-12, atol=1e-12)  # silu''(x)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(h.sum(), x)  # a third derivative would miss terms: it raises instead
