@@ -307,14 +307,14 @@ def affine_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Ten
 
 @contextlib.contextmanager
 def probe_layers(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s convolutions, BatchNorm and GELU layers by the rewritten functions of this module.
+    """Run ``model``'s convolutions, BatchNorm, GELU and SiLU layers by the rewritten functions of this module.
 
     Convolutions use :func:`fast_conv_forward`, BatchNorm layers :func:`affine_batch_norm`, ``nn.GELU``/``nn.SiLU``
     and the ``F.gelu``/``F.silu`` activation of ``nn.TransformerEncoderLayer/DecoderLayer`` :func:`fast_gelu` /
     :func:`fast_silu`. Only layers that run PyTorch's own code are rewritten: a subclass that overrides ``forward``
-    (BatchNorm, GELU, SiLU) or ``_conv_forward``
-    (convolutions), or a layer that already carries an instance attribute of that name (a user's own patch), is left
-    alone. Everything is restored on exit, also on an exception.
+    (BatchNorm, GELU, SiLU) or ``_conv_forward`` (convolutions), or a layer that already carries an instance
+    attribute of that name (a user's own patch), is left alone. Everything is restored on exit, also on an
+    exception.
 
     Args:
         model: The module whose layers to rewrite.
