@@ -561,8 +561,6 @@ def block_lanczos(
         if complete or (out_of_budget and not converged):
             break
         if converged:
-            if return_basis and rounds == 0:  # the Krylov space of the run itself, before any missed-eigenvalue check
-                basis = _basis_pairs(krylov, sign, dtype)
             no_check = not check_missed or rounds >= 8 or out_of_budget
             if no_check or k + krylov.q + block > n or k + krylov.q + 2 * block > rows:
                 break
@@ -571,15 +569,17 @@ def block_lanczos(
             # with room, the check keeps every Ritz vector (the basis only grows: its products extend the Krylov
             # space that return_basis hands out), else the k wanted ones
             kept_all = krylov.p + krylov.q + span + block <= min(rows, n)
+            if return_basis and rounds == 1 and not kept_all:  # the run's own Krylov space, before the check drops it
+                basis = _basis_pairs(krylov, sign, dtype)
             keep = krylov.p if kept_all else max(k, krylov.locked)
             krylov.restart(theta, coeffs, keep=keep, fresh=True)
             check_from, coeffs = krylov.p, None
     basis_values = basis_vectors = None
     if return_basis:
-        # every Ritz pair of one Rayleigh-Ritz projection: the final one when the check kept the whole basis (the run's
-        # Krylov space and the check's), else the run's own Krylov space when it converged (a check that kept only the
-        # k wanted vectors lost the others)
-        use_run = basis is not None and rounds <= 1 and not kept_all
+        # every Ritz pair of one Rayleigh-Ritz projection: the final one (the run's Krylov space, and the check's when
+        # it kept the whole basis), else the run's own Krylov space saved before a check that kept only the k wanted
+        # vectors
+        use_run = basis is not None and rounds <= 1
         basis_values, basis_vectors = basis if use_run else _basis_pairs(krylov, sign, dtype)
     if coeffs is not None:  # rotate the wanted Ritz vectors into rows 0..wanted-1
         krylov.V.rotate(krylov.p, coeffs[:, :wanted].to(device=krylov.device, dtype=dtype))

@@ -156,18 +156,21 @@ def fast_conv_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor
 class _Activation:
     """A pointwise activation ``f`` with its first and second derivatives (for :class:`_Pointwise`)."""
 
-    name: str
     function: Callable[[Tensor], Tensor]
     slope: Callable[[Tensor], Tensor]
     curvature: Callable[[Tensor], Tensor]
 
 
+def _normal_pdf(x: Tensor) -> Tensor:
+    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
 def _gelu_slope(x: Tensor) -> Tensor:
-    return 0.5 * (1.0 + torch.erf(x * _SQRT_HALF)) + x * (torch.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+    return 0.5 * (1.0 + torch.erf(x * _SQRT_HALF)) + x * _normal_pdf(x)
 
 
 def _gelu_curvature(x: Tensor) -> Tensor:
-    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2.0 - x * x)
+    return _normal_pdf(x) * (2.0 - x * x)
 
 
 def _silu_slope(x: Tensor) -> Tensor:
@@ -181,9 +184,9 @@ def _silu_curvature(x: Tensor) -> Tensor:
 
 
 #: gelu (erf form): gelu' = Phi + x phi, gelu'' = phi (2 - x^2)
-_GELU = _Activation("gelu", F.gelu, _gelu_slope, _gelu_curvature)
+_GELU = _Activation(F.gelu, _gelu_slope, _gelu_curvature)
 #: silu = x sigma: silu' = sigma (1 + x (1 - sigma)), silu'' = sigma (1 - sigma) (2 + x (1 - 2 sigma))
-_SILU = _Activation("silu", F.silu, _silu_slope, _silu_curvature)
+_SILU = _Activation(F.silu, _silu_slope, _silu_curvature)
 
 
 class _PointwiseBackward(torch.autograd.Function):

@@ -37,9 +37,7 @@ from lightning_hessian.callback.progress import ProbeProgress
 from lightning_hessian.callback.state import ModuleSnapshot, rank_zero_buffers
 from lightning_hessian.distributed import AgreedFailure, broadcast_object, gather_objects, run_stage
 from lightning_hessian.lanczos import EigenResult, lanczos
-from lightning_hessian.operators import (
-    HessianOperator,
-)
+from lightning_hessian.operators import HessianOperator
 from lightning_hessian.powerlaw import spectral_gap
 
 __all__ = ["ProbeRunner", "sibling_prefix"]
