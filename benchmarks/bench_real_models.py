@@ -148,14 +148,21 @@ MODELS["mlp1m"] = make_mlp1m
 
 
 def solver_rows(
-    name: str, quick: bool, ks: tuple[int, ...] = (20, 200), blocks: tuple[int, ...] = (1, 4, 8), tol: float = 1e-4
+    name: str,
+    quick: bool,
+    ks: tuple[int, ...] = (20, 200),
+    blocks: tuple[int, ...] = (1, 4, 8),
+    tol: float = 1e-4,
+    single: bool = True,
 ) -> list[dict[str, Any]]:
     """Solver overhead on a real operator: probe seconds / (HVPs x s/HVP) of top-``k`` runs, per block size.
 
     For each block size ``b`` the unit is the measured seconds per product *of that kind* (``matvec`` for ``b = 1``,
     ``matmat`` of ``b`` columns divided by ``b`` otherwise), timed in the same process just before the run; a ratio
-    of 1.0 means the solver costs nothing beyond its products. ``single`` is the previous single-vector solver
-    (``_single_vector_lanczos``, matvec), for the HVP counts. Returns one row per (k, solver).
+    of 1.0 means the solver costs nothing beyond its products. ``in_run_ratio`` divides instead by the seconds the
+    run itself spent inside its products (immune to the machine's drift between the unit and the run). With
+    ``single``, the previous single-vector solver (``_single_vector_lanczos``, matvec) runs too, for the HVP counts
+    (top-20 only). Returns one row per (k, solver).
     """
     from lightning_hessian.lanczos import _single_vector_lanczos
 
@@ -167,24 +174,38 @@ def solver_rows(
     for b in blocks:
         if b > 1:
             unit[b] = timed(lambda b=b: op.matmat(torch.randn(n, b, generator=gen)), 2) / b
+    in_products = [0.0]  # seconds spent inside the products of the current run
+
+    def timed_op(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def call(x: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            out = fn(x)
+            in_products[0] += time.perf_counter() - start
+            return out
+
+        return call
+
+    matvec, matmat = timed_op(op.matvec), timed_op(op.matmat)
     rows = []
     for k in ks:
-        runs = [("single", 1)] if k <= 20 else []
+        runs = [("single", 1)] if k <= 20 and single else []
         runs += [("block", b) for b in blocks]
         for solver, b in runs:
+            in_products[0] = 0.0
             start = time.perf_counter()
             if solver == "single":
-                result = _single_vector_lanczos(op.matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000)
+                result = _single_vector_lanczos(matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000)
             else:
                 result = lanczos(
-                    op.matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000,
-                    matmat=op.matmat if b > 1 else None, block_size=b,
+                    matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000,
+                    matmat=matmat if b > 1 else None, block_size=b,
                 )  # fmt: skip
             seconds = time.perf_counter() - start
             rows.append(
                 {
                     "model": name, "params": n, "k": k, "solver": solver, "block": b, "hvps": result.num_matvecs,
                     "seconds": seconds, "s_per_hvp": unit[b], "ratio": seconds / (result.num_matvecs * unit[b]),
+                    "in_run_ratio": seconds / in_products[0], "restarts": result.num_restarts,
                     "converged": result.converged, "rss_mib": peak_rss_mib(),
                 }
             )  # fmt: skip
@@ -195,13 +216,15 @@ def solver_rows(
 def print_solver_rows(rows: list[dict[str, Any]], header: bool = True) -> None:
     if header:
         print(
-            "\n| model | params | k | solver | block | HVPs | seconds | s/HVP (that kind) | ratio | converged | RSS MiB"
+            "\n| model | params | k | solver | block | HVPs | restarts | seconds | s/HVP (that kind) | ratio | "
+            "ratio to in-run products | converged | RSS MiB"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['params']:,} | {r['k']} | {r['solver']} | {r['block']} | {r['hvps']} | "
-            f"{r['seconds']:.2f} | {r['s_per_hvp']:.4f} | {r['ratio']:.2f} | {r['converged']} | {r['rss_mib']:.0f} |"
+            f"{r['restarts']} | {r['seconds']:.2f} | {r['s_per_hvp']:.4f} | {r['ratio']:.2f} | "
+            f"{r['in_run_ratio']:.2f} | {r['converged']} | {r['rss_mib']:.0f} |"
         )
 
 
@@ -347,12 +370,16 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,resnet,transformer")
     parser.add_argument("--solver", default="", help="models for the solver rows, e.g. mlp1m,resnet (slow)")
     parser.add_argument("--blocks", default="1,4,8", help="block sizes of the solver rows")
+    parser.add_argument("--ks", default="20,200", help="k of the solver rows")
+    parser.add_argument("--no-single", action="store_true", help="skip the previous single-vector solver's row")
     parser.add_argument("--skip-products", action="store_true", help="only the solver rows")
     args = parser.parse_args()
+    ks = tuple(int(k) for k in args.ks.split(","))
+    blocks = tuple(int(b) for b in args.blocks.split(","))
     torch.set_num_threads(args.threads)
     if args.skip_products:
         for name in filter(None, args.solver.split(",")):
-            solver_rows(name, args.quick, blocks=tuple(int(b) for b in args.blocks.split(",")))
+            solver_rows(name, args.quick, ks=ks, blocks=blocks, single=not args.no_single)
         return
     rows = [measure(name, args.quick, args.repeats) for name in args.models.split(",")]
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, device cpu, block of {BLOCK}")
@@ -369,7 +396,7 @@ def main() -> None:
         cells += [r["auto"], f"{r['rss_mib']:.0f}"]
         print("| " + " | ".join(cells) + " |")
     for name in filter(None, args.solver.split(",")):
-        solver_rows(name, args.quick, blocks=tuple(int(b) for b in args.blocks.split(",")))
+        solver_rows(name, args.quick, ks=ks, blocks=blocks, single=not args.no_single)
     print_fit_overhead(fit_overhead_rows(width=8 if args.quick else 16), 8 if args.quick else 16)
     if not args.quick:
         print("\n| top-200, max_basis_bytes | params | basis bytes | peak RSS (truncated run) |\n|---|---|---|---|")

@@ -22,7 +22,12 @@ form, i.e. block Krylov-Schur, Zhou & Saad 2008): the rotation :math:`V \leftarr
 chunks of the ``(m, n)`` row-major basis, so no second basis-sized temporary exists. A wanted pair whose residual has
 reached ``1e-3 tol`` is *locked* at a restart (Stewart 2001): its coupling to the rest is dropped (a perturbation of
 that size), so later restarts rotate only the unlocked rows. The rotation is :math:`O(m^2 n)` flops per restart; on a
-1M-parameter top-200 run it was 42% of the time without locking. The basis is sized from
+1M-parameter top-200 run it was 42% of the time without locking. When cheaper, a restart instead *reflects* the basis:
+Householder reflectors map the first axes onto the pairs to lock and the last axes onto the ``d`` discarded Ritz
+vectors, so the new basis is :math:`V Q` with :math:`Q = I + (\text{rank } r)`, ``r`` = locked + discarded, applied in
+place as a rank-``r`` update (:math:`4 m r n` flops instead of :math:`2 m h n` for ``h`` kept rows). The kept rows then
+span the kept Ritz vectors without being them (their block of ``T`` is dense), and a restart costs about the same per
+product whatever the free room, so a basis close to ``k`` costs products, not restart seconds. The basis is sized from
 ``max_basis_bytes`` (default: 25% of the available device memory, capped at 32 GiB): when the default size does not
 fit, a smaller basis is used (more restarts); when not even ``k`` vectors plus two blocks fit,
 :class:`~lightning_hessian.memory.BasisMemoryError` is raised before anything is allocated.
@@ -54,6 +59,7 @@ __all__ = ["EigenResult", "MatMat", "MatVec", "block_lanczos", "random_block"]
 _SQRT_HALF = 0.7071067811865476
 _CHUNK_BYTES = 64 * 2**20  # column chunk of the in-place restart rotation
 _CHECK_EVERY_BLOCK = 64  # bases up to this size are checked for convergence after every block
+_REFLECTED = True  # restarts update the basis by reflections when that is cheaper than rotating it
 _LOCK = 1e-3  # a pair is locked once its residual is this share of the tolerance (keeps residuals faithful)
 
 
@@ -163,6 +169,63 @@ class _Rows:
             assert new is not None
             for off, view in self.parts(j0, j0 + r):
                 view[:, c0:c1] = new[off : off + view.shape[0]]
+
+    def add_low_rank(self, j0: int, j1: int, left: Tensor, right: Tensor) -> None:
+        """Rows j0..j0+h-1 += ``left @ (right.T @ V[j0:j1])``, in place (``left``: ``(h, r)``, ``right``: ``(p, r)``).
+
+        Chunked over the columns like :meth:`rotate`: the temporary is ``(r, chunk)``, and ``4 (j1 - j0) r n`` flops
+        replace the ``2 (j1 - j0) h n`` of a rotation.
+        """
+        right_t = right.T.contiguous()
+        itemsize = self.segments[0][1].element_size()
+        chunk = max(1, _CHUNK_BYTES // max(1, (j1 - j0) * itemsize))
+        h = left.shape[0]
+        for c0 in range(0, self.n, chunk):
+            c1 = min(self.n, c0 + chunk)
+            low = None
+            for off, view in self.parts(j0, j1):
+                part = right_t[:, off : off + view.shape[0]]
+                low = part @ view[:, c0:c1] if low is None else low.addmm_(part, view[:, c0:c1])
+            assert low is not None
+            for off, view in self.parts(j0, j0 + h):
+                view[:, c0:c1].addmm_(left[off : off + view.shape[0]], low)
+
+
+def _reflected_restart(ritz: Tensor, locking: int, keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    r"""An orthogonal ``Q`` for a thick restart that is the identity plus a rank ``locking + discarded`` term.
+
+    ``ritz`` is the ``(p, p)`` orthogonal matrix of Ritz coefficient vectors, its first ``locking`` columns the pairs
+    to lock, the next ``keep - locking`` the other kept ones, the rest the discarded ones. Householder reflectors map
+    the first ``locking`` axes onto the pairs to lock (QR of those columns) and then, in reversed coordinate order,
+    the last ``p - keep`` axes onto the discarded columns, so that ``Q[:, :locking]`` are the locked Ritz vectors (up
+    to sign), ``Q[:, locking:keep]`` an orthonormal basis of the other kept ones and ``Q`` minus the identity has the
+    rank ``r`` of the reflectors. Then :math:`Q^\top = I + U (U^\top (Q^\top - I))` with ``U`` an orthonormal basis
+    of the reflector vectors.
+
+    Returns:
+        ``Q`` ``(p, p)``, ``U`` ``(p, r)`` and ``W = (Q - I) U`` ``(p, r)``, all float64, so that the new rows are
+        ``V + U[:keep] (Wᵀ V)`` (rows ``0..keep-1`` of :math:`Q^\top V`).
+    """
+    p = ritz.shape[0]
+    eye = torch.eye(p, dtype=torch.float64)
+    q = eye.clone()
+    vectors = []
+    if locking:
+        a1, tau1 = torch.geqrf(ritz[:, :locking])
+        q = torch.linalg.householder_product(torch.cat([a1, a1.new_zeros(p, p - locking)], dim=1), tau1)
+        vectors.append(torch.tril(a1, -1) + eye[:, :locking])
+    dropped = p - keep
+    if dropped:
+        rest = (q.T @ ritz[:, keep:])[locking:].flip(0)  # zero in the first `locking` rows: orthogonal to the locked
+        a2, tau2 = torch.geqrf(rest)
+        m = p - locking
+        q2 = torch.linalg.householder_product(torch.cat([a2, a2.new_zeros(m, m - dropped)], dim=1), tau2)
+        q[:, locking:] = q[:, locking:] @ q2.flip(0, 1)
+        y2 = eye.new_zeros(p, dropped)
+        y2[locking:] = (torch.tril(a2, -1) + eye[:m, :dropped]).flip(0)
+        vectors.append(y2)
+    u = torch.linalg.qr(torch.cat(vectors, dim=1))[0] if vectors else eye[:, :0]
+    return q, u, (q - eye) @ u
 
 
 class _BlockKrylov:
@@ -349,12 +412,36 @@ class _BlockKrylov:
         locking = set(newly)
         cols = newly + [j for j in active if j not in locking]  # the newly locked ones first
         kept = lk + len(cols)
-        rotation = coeffs[lk:p, cols]
-        coupling = self.T[p : p + q, lk:p] @ rotation
         pending = self.V.get(p, p + q).clone()
-        self.V.rotate(p, rotation.to(device=self.device, dtype=self.dtype), j0=lk)
-        self.T.zero_()
-        self.T[:kept, :kept] = torch.diag(torch.cat([self.locked_theta, theta[cols]]))
+        unlocked, n_keep = p - lk, kept - lk
+        rank = len(newly) + unlocked - n_keep  # of the reflected restart's update
+        # a rotation costs 2 p' h n flops for the h kept of p' unlocked rows, the reflected update 2 r (p' + h) n
+        if _REFLECTED and not fresh and rank * (unlocked + n_keep) < unlocked * n_keep:
+            chosen = set(cols)
+            order = cols + [j for j in range(p) if not is_locked[j] and j not in chosen]  # newly locked, kept, dropped
+            ritz = coeffs[lk:p, order]
+            reflect, basis, update = _reflected_restart(ritz, len(newly), n_keep)
+            self.V.add_low_rank(
+                lk, p, basis[:n_keep].to(device=self.device, dtype=self.dtype),
+                update.to(device=self.device, dtype=self.dtype),
+            )  # fmt: skip
+            projected = reflect[:, :n_keep].T @ ritz  # (h, p'): Ritz coefficients of the new rows
+            kept_t = (projected * theta[order]) @ projected.T
+            kept_t = (kept_t + kept_t.T) / 2
+            m = len(newly)
+            kept_t[:m, :] = 0.0  # the locked rows are Ritz vectors (up to sign): decoupled, T diagonal there
+            kept_t[:, :m] = 0.0
+            kept_t[:m, :m] = torch.diag(theta[newly])
+            coupling = self.T[p : p + q, lk:p] @ reflect[:, :n_keep]
+            self.T.zero_()
+            self.T[:lk, :lk] = torch.diag(self.locked_theta)
+            self.T[lk:kept, lk:kept] = kept_t
+        else:
+            rotation = coeffs[lk:p, cols]
+            coupling = self.T[p : p + q, lk:p] @ rotation
+            self.V.rotate(p, rotation.to(device=self.device, dtype=self.dtype), j0=lk)
+            self.T.zero_()
+            self.T[:kept, :kept] = torch.diag(torch.cat([self.locked_theta, theta[cols]]))
         self.V.put(kept, pending)
         if newly:
             assert residuals is not None

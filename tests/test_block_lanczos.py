@@ -215,3 +215,60 @@ def test_check_with_room_keeps_the_whole_basis_for_return_basis():
     reference = torch.linalg.eigvalsh(matrix).flip(0)[:k]
     torch.testing.assert_close(roomy.eigenvalues, reference, rtol=0, atol=1e-8 * float(reference[0]))
     torch.testing.assert_close(roomy.eigenvalues, plain.eigenvalues, rtol=0, atol=1e-8 * float(reference[0]))
+
+
+@pytest.mark.parametrize(("size", "locking", "keep"), [(30, 3, 20), (30, 0, 20), (30, 4, 30), (120, 6, 97), (9, 2, 8)])
+def test_reflected_restart_is_identity_plus_low_rank_with_the_locked_ritz_vectors_first(size, locking, keep):
+    from lightning_hessian.block_lanczos import _reflected_restart, _Rows
+
+    ritz = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size)))[
+        0
+    ]
+    q, u, w = _reflected_restart(ritz, locking, keep)
+    eye = torch.eye(size, dtype=torch.float64)
+    torch.testing.assert_close(q.T @ q, eye, atol=1e-13, rtol=0)
+    torch.testing.assert_close(q[:, :locking].abs(), ritz[:, :locking].abs(), atol=1e-13, rtol=0)  # up to sign
+    kept = ritz[:, locking:keep]
+    torch.testing.assert_close(kept @ (kept.T @ q[:, locking:keep]), q[:, locking:keep], atol=1e-13, rtol=0)
+    assert u.shape[1] == locking + size - keep  # the rank of the update: one reflector per locked or dropped column
+    torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-13, rtol=0)
+    torch.testing.assert_close(eye + u @ w.T, q.T, atol=1e-13, rtol=0)
+    # applied in place to a basis stored in two segments, it gives the first `keep` rows of Qᵀ V
+    n = 500
+    basis = torch.linalg.qr(torch.randn(n, size, dtype=torch.float64))[0].T.contiguous()
+    rows = _Rows(size + 2, n, size // 3, torch.float64, None)
+    rows.put(0, basis)
+    rows.add_low_rank(0, size, u[:keep], w)
+    torch.testing.assert_close(rows.get(0, keep), (q.T @ basis)[:keep], atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("spectrum", "k", "rows", "block", "which"),
+    [("power_law", 60, 75, 1, "largest"), ("indefinite", 30, 40, 1, "smallest"), ("clustered", 40, 56, 4, "largest")],
+)
+def test_reflected_restarts_give_the_same_run_as_rotations(monkeypatch, spectrum, k, rows, block, which):
+    import lightning_hessian.block_lanczos as module
+
+    n = 400
+    matrix = symmetric_with_spectrum(spectra(n)[spectrum], seed=k)
+    calls = []
+    reflect = module._reflected_restart
+    monkeypatch.setattr(module, "_reflected_restart", lambda *args: calls.append(args) or reflect(*args))
+    runs = {}
+    for reflected in (False, True):
+        monkeypatch.setattr(module, "_REFLECTED", reflected)
+        runs[reflected] = lanczos(
+            None, n, k, matmat=lambda x: matrix @ x, block_size=block, num_vectors=rows, tol=1e-10, which=which,
+            max_matvecs=20000, return_eigenvectors=True,
+        )  # fmt: skip
+    assert len(calls) >= 2  # the reflected path ran (only with _REFLECTED)
+    old, new = runs[False], runs[True]
+    assert new.converged and new.num_matvecs == old.num_matvecs and new.num_restarts == old.num_restarts
+    eigenvalues = torch.linalg.eigvalsh(matrix)
+    reference = eigenvalues.flip(0)[:k] if which == "largest" else eigenvalues[:k]
+    scale = float(eigenvalues.abs().max())
+    torch.testing.assert_close(new.eigenvalues, reference, atol=1e-9 * scale, rtol=0)
+    x = new.eigenvectors
+    torch.testing.assert_close(x.T @ x, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
+    residual = torch.linalg.vector_norm(matrix @ x - x * new.eigenvalues, dim=0)
+    torch.testing.assert_close(residual, new.residual_norms, atol=1e-10 * scale, rtol=0)
