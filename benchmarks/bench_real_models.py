@@ -154,6 +154,7 @@ def solver_rows(
     blocks: tuple[int, ...] = (1, 4, 8),
     tol: float = 1e-4,
     single: bool = True,
+    num_vectors: int | None = None,
 ) -> list[dict[str, Any]]:
     """Solver overhead on a real operator: probe seconds / (HVPs x s/HVP) of top-``k`` runs, per block size.
 
@@ -162,7 +163,7 @@ def solver_rows(
     of 1.0 means the solver costs nothing beyond its products. ``in_run_ratio`` divides instead by the seconds the
     run itself spent inside its products (immune to the machine's drift between the unit and the run). With
     ``single``, the previous single-vector solver (``_single_vector_lanczos``, matvec) runs too, for the HVP counts
-    (top-20 only). Returns one row per (k, solver).
+    (top-20 only). ``num_vectors`` overrides the basis size of the block runs. Returns one row per (k, solver).
     """
     from lightning_hessian.lanczos import _single_vector_lanczos
 
@@ -198,7 +199,7 @@ def solver_rows(
             else:
                 result = lanczos(
                     matvec, n, k, tol=tol, dtype=torch.float32, max_matvecs=4000,
-                    matmat=matmat if b > 1 else None, block_size=b,
+                    matmat=matmat if b > 1 else None, block_size=b, num_vectors=num_vectors,
                 )  # fmt: skip
             seconds = time.perf_counter() - start
             rows.append(
@@ -371,6 +372,9 @@ def main() -> None:
     parser.add_argument("--solver", default="", help="models for the solver rows, e.g. mlp1m,resnet (slow)")
     parser.add_argument("--blocks", default="1,4,8", help="block sizes of the solver rows")
     parser.add_argument("--ks", default="20,200", help="k of the solver rows")
+    parser.add_argument(
+        "--num-vectors", type=int, default=None, help="basis size of the solver rows (default: the solver's)"
+    )
     parser.add_argument("--no-single", action="store_true", help="skip the previous single-vector solver's row")
     parser.add_argument("--skip-products", action="store_true", help="only the solver rows")
     args = parser.parse_args()
@@ -379,7 +383,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.skip_products:
         for name in filter(None, args.solver.split(",")):
-            solver_rows(name, args.quick, ks=ks, blocks=blocks, single=not args.no_single)
+            solver_rows(name, args.quick, ks=ks, blocks=blocks, single=not args.no_single, num_vectors=args.num_vectors)
         return
     rows = [measure(name, args.quick, args.repeats) for name in args.models.split(",")]
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, device cpu, block of {BLOCK}")
@@ -396,7 +400,7 @@ def main() -> None:
         cells += [r["auto"], f"{r['rss_mib']:.0f}"]
         print("| " + " | ".join(cells) + " |")
     for name in filter(None, args.solver.split(",")):
-        solver_rows(name, args.quick, ks=ks, blocks=blocks, single=not args.no_single)
+        solver_rows(name, args.quick, ks=ks, blocks=blocks, single=not args.no_single, num_vectors=args.num_vectors)
     print_fit_overhead(fit_overhead_rows(width=8 if args.quick else 16), 8 if args.quick else 16)
     if not args.quick:
         print("\n| top-200, max_basis_bytes | params | basis bytes | peak RSS (truncated run) |\n|---|---|---|---|")

@@ -615,7 +615,8 @@ def block_lanczos(
     # it converges at); a large one every max(8, m / 8) products
     check_every = 1 if size <= _CHECK_EVERY_BLOCK else max(1, max(8, size // 8) // block)
     span = max(8, size // 8)  # products of one missed-eigenvalue check
-    blocks, rounds, saved, check_from, kept_all = 0, 0, None, 0, False
+    blocks, rounds, saved, check_start, kept_all = 0, 0, None, 0, False
+    check_restarted = checked = False
     basis: tuple[Tensor, Tensor] | None = None
     theta = coeffs = residuals = None
     converged = complete = False
@@ -638,17 +639,24 @@ def block_lanczos(
         if saved is not None:  # a deflation check is running
             if theta.numel() >= k and float(theta[k - 1]) > float(saved[0][k - 1]) + tol * scale:
                 saved = None  # a missed eigenvalue (a multiplicity beyond the block): keep iterating
-            elif complete or out_of_budget or no_room or krylov.p - check_from >= span:
-                theta, residuals = saved
-                wanted, converged, coeffs = k, True, None  # rows 0..k-1 hold the saved Ritz vectors
-                break
+            elif complete or out_of_budget or krylov.products - check_start >= span:
+                if not check_restarted:
+                    theta, residuals = saved
+                    wanted, converged, coeffs = k, True, None  # rows 0..k-1 hold the saved Ritz vectors
+                    break
+                saved, checked = None, True  # restarted within the check: the current pairs are the answer
+            elif no_room:
+                # a basis too small for the whole check: the restart at the top of the loop keeps the leading Ritz
+                # vectors (the saved ones and the check's best directions) and the check goes on to its span
+                check_restarted = True
+                continue
             else:
                 continue
         converged = wanted == k and (complete or bool((residuals[:k] <= tol * scale).all()))
         if complete or (out_of_budget and not converged):
             break
         if converged:
-            no_check = not check_missed or rounds >= 8 or out_of_budget
+            no_check = not check_missed or rounds >= 8 or out_of_budget or checked
             if no_check or k + krylov.q + block > n or k + krylov.q + 2 * block > rows:
                 break
             rounds += 1
@@ -660,7 +668,7 @@ def block_lanczos(
                 basis = _basis_pairs(krylov, sign, dtype)
             keep = krylov.p if kept_all else max(k, krylov.locked)
             krylov.restart(theta, coeffs, keep=keep, fresh=True)
-            check_from, coeffs = krylov.p, None
+            check_start, check_restarted, coeffs = krylov.products, False, None
     basis_values = basis_vectors = None
     if return_basis:
         # every Ritz pair of one Rayleigh-Ritz projection: the final one (the run's Krylov space, and the check's when

@@ -272,3 +272,21 @@ def test_reflected_restarts_give_the_same_run_as_rotations(monkeypatch, spectrum
     torch.testing.assert_close(x.T @ x, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
     residual = torch.linalg.vector_norm(matrix @ x - x * new.eigenvalues, dim=0)
     torch.testing.assert_close(residual, new.residual_norms, atol=1e-10 * scale, rtol=0)
+
+
+def test_missed_eigenvalue_check_goes_on_through_a_restart_in_a_small_basis():
+    # a triple eigenvalue seen by a block of 2 in a 13-row basis: the check's span (8 products) does not fit after the
+    # 4 found vectors and the pending block; it used to stop at the full basis after 4 products and return 4, 4, 3, 3
+    n, k = 54, 4
+    gen = torch.Generator().manual_seed(69)
+    spectrum = torch.cat([torch.tensor([4.0] * 3 + [3.0] * 3), 2 * torch.rand(n - 6, generator=gen)]).double()
+    matrix = symmetric_with_spectrum(spectrum, seed=69)
+    result = lanczos(
+        None, n, k, matmat=lambda x: matrix @ x, block_size=2, num_vectors=11, tol=1e-10, seed=69,
+        return_eigenvectors=True,
+    )  # fmt: skip
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([4.0, 4.0, 4.0, 3.0]).double(), atol=1e-9, rtol=0)
+    x = result.eigenvectors
+    residual = torch.linalg.vector_norm(matrix @ x - x * result.eigenvalues, dim=0)
+    torch.testing.assert_close(residual, result.residual_norms, atol=1e-9, rtol=0)
