@@ -197,7 +197,7 @@ def lanczos(
         which: ``"largest"`` (algebraic, returned descending) or ``"smallest"`` (returned ascending).
         tol: Relative residual tolerance, ``> 0``.
         max_matvecs: Budget of products (a block of ``b`` counts ``b``); default ``max(20 * num_vectors, 200)``.
-        num_vectors: Krylov basis size before a restart; default ``k + max(20, 4 b, k // 4)``, reduced to fit the
+        num_vectors: Krylov basis size before a restart; default ``k + max(20, 4 b, k // 8)``, reduced to fit the
             budget.
         seed: Seed of the start block (and of fresh directions after a breakdown).
         dtype: Dtype of the basis (``torch.float32`` or ``torch.float64``).
