@@ -114,6 +114,11 @@ def random_block(
     return block.T.to(device=device, dtype=dtype)
 
 
+def _columns(block: Tensor) -> Tensor:
+    """``block`` (``(n, b)``) stored column by column (each column contiguous), copied only when it is not."""
+    return block if block.shape[1] == 1 or block.stride(0) == 1 else block.T.contiguous().T
+
+
 def _chunk_bytes(device: torch.device) -> int:
     return _CHUNK_BYTES.get(device.type, _DEVICE_CHUNK_BYTES)
 
@@ -137,16 +142,20 @@ class _Rows:
                 yield a - j0, seg[a - start : b - start]
 
     def gram(self, j0: int, j1: int, w: Tensor) -> Tensor:
-        """``V[j0:j1] @ w`` for ``w`` of shape ``(n, b)``."""
-        out = w.new_empty(j1 - j0, w.shape[1])
+        """``V[j0:j1] @ w`` for ``w`` of shape ``(n, b)``.
+
+        Computed as ``(wᵀ V[j0:j1]ᵀ)ᵀ``: with ``w`` column-major (see :func:`_columns`) the product's small dimension
+        comes first, which this CPU's BLAS runs 2.4x faster at b = 4 (73 ms against 176 ms for 230 rows of 1e6).
+        """
+        out = w.new_empty(w.shape[1], j1 - j0)
         for off, view in self.parts(j0, j1):
-            torch.matmul(view, w, out=out[off : off + view.shape[0]])
-        return out
+            torch.matmul(w.T, view.T, out=out[:, off : off + view.shape[0]])
+        return out.T
 
     def subtract(self, j0: int, j1: int, coeffs: Tensor, w: Tensor) -> None:
-        """``w -= V[j0:j1].T @ coeffs`` in place."""
+        """``w -= V[j0:j1].T @ coeffs`` in place (as ``wᵀ -= coeffsᵀ V[j0:j1]``: 84 ms against 190 at b = 4)."""
         for off, view in self.parts(j0, j1):
-            w.addmm_(view.T, coeffs[off : off + view.shape[0]], alpha=-1)
+            w.T.addmm_(coeffs[off : off + view.shape[0]].T, view, alpha=-1)
 
     def get(self, j0: int, j1: int) -> Tensor:
         """Rows ``j0..j1-1`` as a ``(j1-j0, n)`` tensor (a view when they lie in one segment)."""
@@ -154,9 +163,14 @@ class _Rows:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def put(self, j0: int, rows: Tensor) -> None:
-        """Write ``rows`` (``(r, n)``) at rows ``j0..j0+r-1``."""
+        """Write ``rows`` (``(r, n)``) at rows ``j0..j0+r-1``, row by row.
+
+        A ``(1, n)`` transpose of an ``(n, 1)`` column (strides ``(1, 1)``) takes ``copy_``'s slow path: 3.4 ms
+        against 0.08 ms for a row of 1.07M floats, 6% of a top-20 solve's time. Row by row, each copy is 1-D.
+        """
         for off, view in self.parts(j0, j0 + rows.shape[0]):
-            view.copy_(rows[off : off + view.shape[0]])
+            for i in range(view.shape[0]):
+                view[i].copy_(rows[off + i])
 
     def rotate(self, j1: int, coeffs: Tensor, j0: int = 0) -> None:
         """Rows ``j0..j0+r-1`` become ``coeffs.T @ V[j0:j1]`` (``coeffs`` is ``(j1-j0, r)``, ``r <= j1-j0``), in place.
@@ -317,6 +331,7 @@ class _BlockKrylov:
             fresh = random_block(self.n, cols - good, self.seed, self.dtype, self.device)
             q = torch.cat([q, fresh], dim=1)
         if fragile:  # amplified rounding along the basis (or raw random columns): one more pass and a QR
+            q = _columns(q)
             for _pass in range(2):
                 if self.used:
                     self.V.subtract(0, self.used, self.V.gram(0, self.used, q), q)
@@ -348,6 +363,7 @@ class _BlockKrylov:
             raise FloatingPointError(f"the norm of a product overflows {self.dtype}")
         self.products += r
         w = w.clone() if w.data_ptr() == x.data_ptr() else w
+        w = _columns(w)
         self.norm = max(self.norm, norm)
         coeffs = self._orthogonalise(w, self.local).to(torch.float64).cpu()
         coeffs[: self.locked] = 0.0  # locked pairs are deflated: their (residual-sized) coupling is dropped

@@ -204,7 +204,9 @@ def _agreed_sum(
         values = local().reshape(-1).to(dtype=like.dtype, device=like.device)
         if values.numel() != numel:
             raise ValueError(f"{what}: expected {numel} values, got {values.numel()}")
-        non_finite = check_finite and not bool(torch.isfinite(values).all())
+        # a sum with an inf or a NaN in it is not finite: one fast reduction instead of isfinite (2 ms of a 40 ms
+        # product of 1.07M parameters); only a finite overflow of the sum needs the exact test
+        non_finite = check_finite and not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all())
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         error = exc
         values = torch.zeros(numel, dtype=like.dtype, device=like.device)

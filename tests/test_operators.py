@@ -241,3 +241,17 @@ def test_saved_tensor_bytes_closed_form():
     assert nbytes == 11 * 3 * 8
     _, with_inputs = saved_tensor_bytes(lambda: torch.tanh(x @ w).sum())
     assert with_inputs == 11 * 3 * 8 + x.numel() * 8
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), None])
+def test_agreed_sum_flags_any_non_finite_entry_but_not_a_finite_sum_overflow(bad):
+    from lightning_hessian.operators import _agreed_sum
+
+    values = torch.full((1000,), 3e38, dtype=torch.float32)  # finite entries whose float32 sum overflows
+    values[1::2] = 1.0
+    if bad is not None:
+        values[777] = bad
+        with pytest.raises(ProbeProductError, match="it produced non-finite values"):
+            _agreed_sum(lambda: values, 1000, "product", like=values)
+    else:
+        torch.testing.assert_close(_agreed_sum(lambda: values, 1000, "product", like=values), values)
