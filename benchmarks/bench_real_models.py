@@ -25,8 +25,10 @@ Run: ``python benchmarks/bench_real_models.py [--quick] [--threads N] [--models 
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -265,7 +267,7 @@ def fit_overhead_rows(
     epochs: tuple[int, ...] = (100, 200),
     batch: int = 32,
     cheap_hvps: int = 60,
-    full_hvps: int = 888,
+    full_hvps: int = 1036,
     repeats: int = 3,
 ) -> list[dict[str, float]]:
     """Fit overhead of the default schedule on a ResNet-style CNN: MEASURED step and HVP seconds, EXTRAPOLATED fit.
@@ -274,9 +276,9 @@ def fit_overhead_rows(
     (:class:`~lightning_hessian.demos.ResNetCNN`, BatchNorm, train mode) and seconds per HVP on the default probe set
     (``probe_samples`` images, ``cache_graph="auto"``). Extrapolated: fits of ``epochs`` epochs of ``epoch_samples``
     samples replayed through the real schedule (:func:`simulate_schedule`) at ``cheap_hvps`` / ``full_hvps`` HVPs per
-    cheap / full probe (measured on the digits example: top-8 Lanczos with its check 33-39 + 24 trace samples;
-    top-200 about 600 + 256 SLQ + 24 trace + the deflation check), without (``max_overhead=None``) and with the
-    default guard (0.2).
+    cheap / full probe (the medians of ``bench_callback_overhead.py --epochs 10``, the digits example: cheap probes
+    59-86 HVPs, top-8 Lanczos with its check and 24 trace samples; full probes 947-1,217, top-200 with its check,
+    256 SLQ products and 24 trace samples), without (``max_overhead=None``) and with the default guard (0.2).
     """  # fmt: skip
     torch.manual_seed(0)
     model = demos.ResNetCNN(width=width)
@@ -364,6 +366,95 @@ def print_fit_overhead(rows: list[dict[str, float]], width: int = 16) -> None:
         print(f"| {r['epochs']} | {r['guard']} | {r['share']:.1%} | {r['full']} | {r['cheap']} | {r['skipped']} |")
 
 
+def library_rows(names: tuple[str, ...] = ("mlp", "mlp1m"), k: int = 20, tol: float = 1e-4) -> list[dict[str, Any]]:
+    """Top-``k`` side by side with PyHessian's ``eigenvalues`` and curvlinops + SciPy ``eigsh``, where installed.
+
+    Same model, loss and probe batches for all three (PyHessian sees them as one batch, the same mean loss); float32;
+    products counted by wrapping each library's HVP. The error is the largest error of the top-``k`` values (sorted
+    descending) relative to the largest, against the dense float64 Hessian for the small MLP and against our own
+    float64 solve at ``tol=1e-8`` for the 1M-parameter one. PyHessian runs power iteration with deflation (its
+    ``tol=1e-3`` on consecutive Rayleigh quotients, ``maxIter=100`` per eigenvalue); ``eigsh`` gets ``tol``.
+    """
+    rows = []
+    for name in names:
+        rows += _library_rows_of(name, k, tol)
+        print_library_rows(rows[-3:], header=len(rows) <= 3)
+    return rows
+
+
+def _library_rows_of(name: str, k: int, tol: float) -> list[dict[str, Any]]:
+    import numpy as np
+
+    model, loss_fn, batches = MODELS[name](False)
+    op = HessianOperator(model, loss_fn, batches)
+    n = op.num_params
+    if n <= 5000:
+        dense_op = HessianOperator(copy.deepcopy(model).double(), loss_fn, [(x.double(), y) for x, y in batches])
+        reference, against = torch.linalg.eigvalsh(dense_op.dense()).flip(0)[:k], "dense float64"
+    else:
+        reference = lanczos(op.matvec, n, k, tol=1e-8, dtype=torch.float64, max_matvecs=6000).eigenvalues
+        against = "ours at tol 1e-8 (float64 basis)"
+
+    def row(library: str, hvps: int, seconds: float, values: Any) -> dict[str, Any]:
+        got = torch.sort(torch.as_tensor(np.asarray(values, dtype=np.float64)), descending=True).values[:k]
+        error = float(((got - reference) / reference.abs().max()).abs().max())
+        return {"library": library, "model": name, "params": n, "hvps": hvps, "seconds": seconds, "error": error,
+                "against": against}  # fmt: skip
+
+    start = time.perf_counter()
+    ours = lanczos(op.matvec, n, k, tol=tol, dtype=torch.float32)
+    rows = [row("lightning-hessian", ours.num_matvecs, time.perf_counter() - start, ours.eigenvalues)]
+    counted = [0]
+
+    def counting(fn: Callable) -> Callable:
+        def call(*args: Any) -> Any:
+            counted[0] += 1
+            return fn(*args)
+
+        return call
+
+    try:
+        import pyhessian  # noqa: F401  (the package rebinds the name pyhessian.hessian to its class)
+    except ImportError:
+        pass
+    else:
+        module = sys.modules["pyhessian.hessian"]
+        product = module.hessian_vector_product
+        module.hessian_vector_product = counting(product)
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        values, _ = module.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(top_n=k)
+        rows.append(row("PyHessian 0.1 `eigenvalues`", counted[0], time.perf_counter() - start, values))
+        module.hessian_vector_product = product
+    try:
+        from curvlinops import HessianLinearOperator
+        from scipy.sparse.linalg import LinearOperator, eigsh
+    except ImportError:
+        pass
+    else:
+        counted[0] = 0
+        start = time.perf_counter()
+        params = [p for p in model.parameters() if p.requires_grad]
+        scipy_op = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches).to_scipy()
+        wrapped = LinearOperator(scipy_op.shape, matvec=counting(scipy_op.matvec), dtype=np.float32)
+        v0 = np.ones(n, dtype=np.float32)
+        values = eigsh(wrapped, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+        rows.append(row("curvlinops 3 + SciPy `eigsh`", counted[0], time.perf_counter() - start, values))
+    return rows
+
+
+def print_library_rows(rows: list[dict[str, Any]], header: bool = True) -> None:
+    if header:
+        print("\n| library | model | params | HVPs | seconds | s/HVP | max rel. error of the top-k | against |")
+        print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['library']} | {r['model']} | {r['params']:,} | {r['hvps']} | {r['seconds']:.2f} | "
+            f"{r['seconds'] / max(1, r['hvps']):.4f} | {r['error']:.1e} | {r['against']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
@@ -378,10 +469,14 @@ def main() -> None:
     )
     parser.add_argument("--no-single", action="store_true", help="skip the previous single-vector solver's row")
     parser.add_argument("--skip-products", action="store_true", help="only the solver rows")
+    parser.add_argument("--libraries", action="store_true", help="only the PyHessian / curvlinops comparison")
     args = parser.parse_args()
     ks = tuple(int(k) for k in args.ks.split(","))
     blocks = tuple(int(b) for b in args.blocks.split(","))
     torch.set_num_threads(args.threads)
+    if args.libraries:
+        library_rows()
+        return
     if args.skip_products:
         for name in filter(None, args.solver.split(",")):
             solver_rows(name, args.quick, ks=ks, blocks=blocks, single=not args.no_single, num_vectors=args.num_vectors)
