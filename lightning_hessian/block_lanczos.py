@@ -42,7 +42,7 @@ No Lightning import.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -178,17 +178,8 @@ class _Rows:
         Chunked over the columns, so that the only temporary is ``(r, chunk)``; each segment's rows enter the product
         as a strided view (no copy).
         """
-        coeffs_t = coeffs.T.contiguous()
-        itemsize = self.segments[0][1].element_size()
-        chunk = max(1, _chunk_bytes(self.segments[0][1].device) // max(1, (j1 - j0) * itemsize))
         r = coeffs.shape[1]
-        for c0 in range(0, self.n, chunk):
-            c1 = min(self.n, c0 + chunk)
-            new = None
-            for off, view in self.parts(j0, j1):
-                part = coeffs_t[:, off : off + view.shape[0]]
-                new = part @ view[:, c0:c1] if new is None else new.addmm_(part, view[:, c0:c1])
-            assert new is not None
+        for c0, c1, new in self._chunk_products(j0, j1, coeffs.T.contiguous()):
             for off, view in self.parts(j0, j0 + r):
                 view[:, c0:c1] = new[off : off + view.shape[0]]
 
@@ -198,19 +189,26 @@ class _Rows:
         Chunked over the columns like :meth:`rotate`: the temporary is ``(r, chunk)``, and ``4 (j1 - j0) r n`` flops
         replace the ``2 (j1 - j0) h n`` of a rotation.
         """
-        right_t = right.T.contiguous()
-        itemsize = self.segments[0][1].element_size()
-        chunk = max(1, _chunk_bytes(self.segments[0][1].device) // max(1, (j1 - j0) * itemsize))
         h = left.shape[0]
-        for c0 in range(0, self.n, chunk):
-            c1 = min(self.n, c0 + chunk)
-            low = None
-            for off, view in self.parts(j0, j1):
-                part = right_t[:, off : off + view.shape[0]]
-                low = part @ view[:, c0:c1] if low is None else low.addmm_(part, view[:, c0:c1])
-            assert low is not None
+        for c0, c1, low in self._chunk_products(j0, j1, right.T.contiguous()):
             for off, view in self.parts(j0, j0 + h):
                 view[:, c0:c1].addmm_(left[off : off + view.shape[0]], low)
+
+    def _chunk_products(self, j0: int, j1: int, coeffs_t: Tensor) -> Iterator[tuple[int, int, Tensor]]:
+        """``(c0, c1, coeffs_t @ V[j0:j1, c0:c1])`` for each cache-sized chunk of columns, in order.
+
+        Each chunk's product is complete before it is yielded, so the caller may overwrite those columns of the rows.
+        """
+        itemsize = self.segments[0][1].element_size()
+        chunk = max(1, _chunk_bytes(self.segments[0][1].device) // max(1, (j1 - j0) * itemsize))
+        for c0 in range(0, self.n, chunk):
+            c1 = min(self.n, c0 + chunk)
+            out = None
+            for off, view in self.parts(j0, j1):
+                part = coeffs_t[:, off : off + view.shape[0]]
+                out = part @ view[:, c0:c1] if out is None else out.addmm_(part, view[:, c0:c1])
+            assert out is not None
+            yield c0, c1, out
 
 
 def _reflected_restart(ritz: Tensor, locking: int, keep: int) -> tuple[Tensor, Tensor, Tensor]:
