@@ -337,7 +337,7 @@ def peak_rss_top200(budgets: tuple[str, ...] = ("default", "2.6e9"), products: i
     """Peak RSS (``VmHWM`` of a fresh subprocess) of a top-200 solve on a ~2.9M-parameter MLP.
 
     The run is truncated after ``products`` HVPs: the basis is allocated (and zero-filled) at the start, so the peak
-    is reached by then unless a restart's rotation chunk adds its ``(rows, 64 MiB)`` temporary. Returns
+    is reached by then (a restart adds at most one cache-sized chunk, 2 MiB on a CPU). Returns
     ``(budget, params, basis bytes, peak RSS bytes)`` per ``max_basis_bytes``.
     """
     import subprocess
