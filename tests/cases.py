@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
@@ -99,3 +101,20 @@ def symmetric_with_spectrum(eigenvalues: Tensor, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return (q * eigenvalues.to(torch.float64)) @ q.T
+
+
+def ddp_fork_marks(timeout: int, probe_failures: bool = False) -> list[Any]:
+    """pytest marks of the 2-process ``ddp_fork`` callback tests: Linux only, their expected warnings, a timeout.
+
+    With ``probe_failures``, the warnings of probes that fail on purpose are expected too.
+    """
+    marks = [
+        pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ddp_fork needs fork"),
+        pytest.mark.filterwarnings("ignore:.*KS critical value.*"),
+        pytest.mark.filterwarnings("ignore:.*of the .* parameters.*"),
+        pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
+        pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    ]
+    if probe_failures:
+        marks.append(pytest.mark.filterwarnings("ignore:.*probe failed.*"))
+    return [*marks, pytest.mark.timeout(timeout)]

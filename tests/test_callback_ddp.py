@@ -4,7 +4,6 @@ the ranks' probe samples, and no hang when the probe fails on one rank only."""
 from __future__ import annotations
 
 import math
-import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -14,16 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.callback import HessianSpectrum
+from tests.cases import ddp_fork_marks
 
-pytestmark = [
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ddp_fork needs fork"),
-    pytest.mark.filterwarnings("ignore:.*KS critical value.*"),
-    pytest.mark.filterwarnings("ignore:.*of the .* parameters.*"),
-    pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-    pytest.mark.filterwarnings("ignore:.*probe failed.*"),
-    pytest.mark.timeout(180),
-]
+pytestmark = ddp_fork_marks(180, probe_failures=True)
 
 
 class Net(pl.LightningModule):

@@ -5,7 +5,6 @@ rank 0's state, and leaves each rank's own buffers exactly as they were."""
 from __future__ import annotations
 
 import os
-import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -16,15 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian import HessianOperator
 from lightning_hessian.callback import HessianSpectrum
+from tests.cases import ddp_fork_marks
 
-pytestmark = [
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ddp_fork needs fork"),
-    pytest.mark.filterwarnings("ignore:.*KS critical value.*"),
-    pytest.mark.filterwarnings("ignore:.*of the .* parameters.*"),
-    pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-    pytest.mark.timeout(180),
-]
+pytestmark = ddp_fork_marks(180)
 
 
 class BNNet(pl.LightningModule):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import lightning.pytorch as pl
@@ -17,16 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.callback import AnalysisResult, HessianSpectrum, ProbeFailure
+from tests.cases import ddp_fork_marks
 
-pytestmark = [
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ddp_fork needs fork"),
-    pytest.mark.filterwarnings("ignore:.*KS critical value.*"),
-    pytest.mark.filterwarnings("ignore:.*of the .* parameters.*"),
-    pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-    pytest.mark.filterwarnings("ignore:.*probe failed.*"),
-    pytest.mark.timeout(240),
-]
+pytestmark = ddp_fork_marks(240, probe_failures=True)
 
 #: Grad-mode loss calls per probe on this process (module state is restored after every probe, a global is not).
 CALLS = {"epoch": -1, "count": 0}
