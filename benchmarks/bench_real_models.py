@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_hessian import demos, lanczos
+from lightning_hessian import HessianSpectrum, demos, lanczos
+from lightning_hessian.callback.runner import HVP_GRADIENTS
+from lightning_hessian.callback.schedule import plan_init_probe
 from lightning_hessian.operators import STRATEGIES, HessianOperator
 
 BLOCK = 8
@@ -233,19 +235,27 @@ def print_solver_rows(rows: list[dict[str, Any]], header: bool = True) -> None:
 
 
 def simulate_schedule(
-    epoch_s: float, cheap_s: float, full_s: float, epochs: int, max_overhead: float | None, full_every: int = 10
+    epoch_s: float,
+    cheap_s: float,
+    full_s: float,
+    epochs: int,
+    max_overhead: float | None,
+    full_every: int = 10,
+    init_kind: str | None = "full",
 ) -> dict[str, float]:
     """Replay the default schedule (:class:`~lightning_hessian.callback.schedule.ProbeSchedule`) on measured costs.
 
-    The probe at initialisation is the first full probe; then one probe per epoch, every ``full_every``-th probe
-    full, and the overhead guard skips a probe (never the first epoch probe) while the probes' cumulative time
-    exceeds ``max_overhead`` times the training time so far.
+    The probe at initialisation (of kind ``init_kind``, which the callback's guard chooses from its estimates; see
+    :func:`fit_overhead_rows`) is the first full probe of the schedule; then one probe per epoch, every
+    ``full_every``-th probe full, and the overhead guard skips a probe (never the first epoch probe) while the probes'
+    cumulative time exceeds ``max_overhead`` times the training time so far.
     """
     from lightning_hessian.callback.schedule import ProbeSchedule
 
     schedule = ProbeSchedule(1, full_every, max_overhead)
-    schedule.commit_init(full_s)
-    counts = {"full": 1, "cheap": 0, None: 0}
+    schedule.commit_init({"full": full_s, "cheap": cheap_s, None: 0.0}[init_kind])
+    counts = {"full": 0, "cheap": 0, None: 0}
+    counts[init_kind] += 1
     for _ in range(epochs):
         schedule.train_seconds += epoch_s
         kind = schedule.plan(fitting=True)
@@ -257,6 +267,7 @@ def simulate_schedule(
         "full": counts["full"],
         "cheap": counts["cheap"],
         "skipped": counts[None],
+        "init": init_kind,
     }
 
 
@@ -278,7 +289,9 @@ def fit_overhead_rows(
     samples replayed through the real schedule (:func:`simulate_schedule`) at ``cheap_hvps`` / ``full_hvps`` HVPs per
     cheap / full probe (the medians of ``bench_callback_overhead.py --epochs 10``, the digits example: cheap probes
     59-86 HVPs, top-8 Lanczos with its check and 24 trace samples; full probes 947-1,217, top-200 with its check,
-    256 SLQ products and 24 trace samples), without (``max_overhead=None``) and with the default guard (0.2).
+    256 SLQ products and 24 trace samples), without (``max_overhead=None``) and with the default guard (0.2). Under
+    the guard the probe at initialisation is planned as the callback plans it (:meth:`ProbeRunner.init_kind`), from a
+    timed gradient of the probe set (a fresh operator: no cached graph) and the estimated fit.
     """  # fmt: skip
     torch.manual_seed(0)
     model = demos.ResNetCNN(width=width)
@@ -296,16 +309,23 @@ def fit_overhead_rows(
     op = HessianOperator(model, ce_loss, probe)
     v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
     hvp_s = timed(lambda: op.matvec(v), repeats)
+    grad_s = timed(HessianOperator(model, ce_loss, probe, cache_graph=False).gradient, repeats)  # no cached graph
     epoch_s = epoch_samples / batch * step_s
     cheap_s, full_s = cheap_hvps * hvp_s, full_hvps * hvp_s
+    # the callback's own estimates for the probe at initialisation (ProbeRunner.init_kind): one timed gradient
+    estimate = HessianSpectrum()._runner.estimated_hvps
+    est_full, est_cheap = (HVP_GRADIENTS * grad_s * estimate(full, op.num_params) for full in (True, False))
     rows = []
     for n in epochs:
+        est_fit = grad_s * batch / probe_samples * (epoch_samples / batch * n)
         for guard in (None, 0.2):
-            sim = simulate_schedule(epoch_s, cheap_s, full_s, n, guard)
+            init = "full" if guard is None else plan_init_probe(est_full, est_cheap, est_fit, guard)
+            sim = simulate_schedule(epoch_s, cheap_s, full_s, n, guard, init_kind=init)
             rows.append(
                 {
                     "params": op.num_params, "strategy": op.strategy, "step_s": step_s, "hvp_s": hvp_s,
-                    "epoch_s": epoch_s, "cheap_s": cheap_s, "full_s": full_s, "epochs": n, "guard": guard, **sim,
+                    "grad_s": grad_s, "epoch_s": epoch_s, "cheap_s": cheap_s, "full_s": full_s, "epochs": n,
+                    "guard": guard, **sim,
                 }
             )  # fmt: skip
     return rows
@@ -358,13 +378,16 @@ def print_fit_overhead(rows: list[dict[str, float]], width: int = 16) -> None:
     print(
         f"\nfit overhead, ResNetCNN(width={width}) {r['params']:,} params, HVP strategy {r['strategy']}: MEASURED step "
         f"{r['step_s']:.4f} s (32 images), HVP {r['hvp_s']:.3f} s (512 probe images) = {r['hvp_s'] / r['step_s']:.0f} "
-        f"steps; EXTRAPOLATED (50,000 samples per epoch): epoch {r['epoch_s']:.0f} s, "
+        f"steps, probe-set gradient {r['grad_s']:.3f} s (the callback's estimate for the probe at init); EXTRAPOLATED (50,000 samples per epoch): epoch {r['epoch_s']:.0f} s, "
         f"cheap probe {r['cheap_s']:.0f} s, full probe {r['full_s']:.0f} s"
     )
-    print("\n| epochs | max_overhead | probe share of the fit | full probes | cheap probes | skipped |")
-    print("|---|---|---|---|---|---|")
+    print("\n| epochs | max_overhead | probe at init | probe share of the fit | full probes | cheap probes | skipped |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['epochs']} | {r['guard']} | {r['share']:.1%} | {r['full']} | {r['cheap']} | {r['skipped']} |")
+        print(
+            f"| {r['epochs']} | {r['guard']} | {r['init']} | {r['share']:.1%} | {r['full']} | {r['cheap']} | "
+            f"{r['skipped']} |"
+        )
 
 
 def library_rows(names: tuple[str, ...] = ("mlp", "mlp1m"), k: int = 20, tol: float = 1e-4) -> list[dict[str, Any]]:

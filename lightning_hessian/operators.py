@@ -581,6 +581,11 @@ class HessianOperator:
         self._batches = cast
         self._local_counts = torch.tensor(counts or [0.0], dtype=torch.float64)
 
+    @property
+    def local_samples(self) -> int:
+        """Samples of this rank's probe batches (``num_samples`` is the sum over ranks)."""
+        return int(round(float(self._local_counts.sum())))
+
     # ---------------------------------------------------------------------------------------------------- strategy
 
     @property
@@ -608,7 +613,7 @@ class HessianOperator:
             return next(self._per_batch_graphs(live[:1], state))
 
         first, nbytes = saved_tensor_bytes(first_graph, exclude=held)
-        local_samples = float(self._local_counts.sum())
+        local_samples = float(self.local_samples)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.memory_estimate = int(nbytes * local_samples / count + 2 * self.num_params * itemsize)
         self.memory_available = available_memory(self.device)

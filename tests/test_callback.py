@@ -634,6 +634,51 @@ def test_overhead_guard_skips_probes_after_the_first(tmp_path, caplog):
     assert [h["epoch"] for h in cb.history] == [0, 0, 1, 2]
 
 
+def test_overhead_guard_shrinks_the_probe_at_init_from_estimates(tmp_path, monkeypatch):
+    from lightning_hessian.callback import runner
+
+    monkeypatch.setattr(runner, "INIT_FREE_SECONDS", 0.0)  # no free minute: the estimates decide
+    data = make_data(n=24)
+    quiet = dict(top_k=20, num_tracked=2, probe_samples=24, density=False, near_zero=False, trace=False)
+
+    def fit(max_overhead, callbacks=()):
+        cb = HessianSpectrum(max_overhead=max_overhead, **quiet)
+        model = Net()
+        trainer(tmp_path, [cb, *callbacks], max_epochs=3).fit(model, DataLoader(data, batch_size=8))
+        return cb, [(h["epoch"], h["full"], h.get("init", False)) for h in cb.history]
+
+    # estimates in units of one probe-set gradient g: fit 9 steps x 8/24 g = 3 g; full 2 x 5 x 20 = 200 g; cheap
+    # 2 x (4 x 2 + 8) = 32 g. Allowed = max_overhead x 3 g.
+    with pytest.warns(UserWarning, match=r"initialisation is skipped.*max_overhead=0.001.*\(9 steps\)"):
+        cb, kinds = fit(1e-3)
+    assert kinds == [(0, False, False)]  # no init probe; the epoch-0 probe is still cheap, the guard skips the rest
+    assert cb.state_dict()["init_done"]
+    with pytest.warns(UserWarning, match="initialisation runs as a cheap probe"):
+        cb, kinds = fit(30.0)  # 90 g: a cheap probe fits, a full one does not
+    assert kinds[0] == (0, False, True) and "hessian/ks_distance" not in cb.history[0]["metrics"]
+    assert "hessian/lambda_max" in cb.history[0]["metrics"]
+    assert kinds[1] == (0, False, False)  # counted as the first full probe: the epoch-0 probe stays cheap
+    _, kinds = fit(100.0)  # 300 g: the full probe fits
+    assert kinds[0] == (0, True, True)
+    # a monitor on a full-probe key needs it from the first epoch on: the full probe at init stays
+    stop = EarlyStopping(monitor="hessian/ks_distance", patience=100, check_on_train_epoch_end=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, kinds = fit(1e-3, [stop])
+    assert kinds[0] == (0, True, True)
+    assert not [w for w in caught if "probe at initialisation" in str(w.message)]
+
+
+def test_plan_init_probe_rule():
+    from lightning_hessian.callback.schedule import plan_init_probe
+
+    assert plan_init_probe(50.0, 5.0, 1.0, 0.2) == "full"  # under the free minute
+    assert plan_init_probe(50.0, 5.0, 1.0, 0.2, free_seconds=10.0) == "cheap"
+    assert plan_init_probe(50.0, 20.0, 1.0, 0.2, free_seconds=10.0) is None
+    assert plan_init_probe(50.0, 20.0, 250.0, 0.2, free_seconds=10.0) == "full"  # exactly the allowed share
+    assert plan_init_probe(1e9, 1e8, math.inf, 0.2) == "full"  # a fit of unknown length
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
 def test_probe_under_true_precision_plugins(tmp_path, precision):
     torch.manual_seed(7)

@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["check_monitors"]
+__all__ = ["check_monitors", "monitored_keys"]
+
+
+def monitored_keys(trainer: pl.Trainer) -> set[str]:
+    """Keys that the trainer's ``EarlyStopping`` and ``ModelCheckpoint`` callbacks monitor."""
+    return {
+        str(callback.monitor)
+        for callback in trainer.callbacks
+        if isinstance(callback, (EarlyStopping, ModelCheckpoint)) and callback.monitor is not None
+    }
 
 
 def check_monitors(trainer: pl.Trainer, prefix: str, when: str, every_n_epochs: int, known: Iterable[str]) -> None:

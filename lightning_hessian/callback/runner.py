@@ -34,13 +34,14 @@ from lightning_hessian.callback.config import MAX_TOP_K_FRACTION, ProbeConfig
 from lightning_hessian.callback.loss import default_loss
 from lightning_hessian.callback.probe import ProbeSet
 from lightning_hessian.callback.progress import ProbeProgress
+from lightning_hessian.callback.schedule import INIT_FREE_SECONDS, ProbeKind, plan_init_probe
 from lightning_hessian.callback.state import ModuleSnapshot, rank_zero_buffers
 from lightning_hessian.distributed import AgreedFailure, broadcast_object, gather_objects, run_stage
 from lightning_hessian.lanczos import EigenResult, lanczos
 from lightning_hessian.operators import HessianOperator
 from lightning_hessian.powerlaw import spectral_gap
 
-__all__ = ["ProbeRunner", "sibling_prefix"]
+__all__ = ["ProbeRunner", "fit_batches", "sibling_prefix"]
 
 _CORE = (rp.LAMBDA_MAX, rp.SPECTRAL_GAP, rp.SPECTRAL_GAP_RATIO, rp.SUBSPACE_OVERLAP)
 #: Probes slower than this many seconds get one INFO line even with ``verbose=False``.
@@ -49,6 +50,11 @@ SLOW_PROBE_SECONDS = 5.0
 AUTO_BLOCK = 4
 #: The block is used when its seconds per product are at most this fraction of a single product's.
 AUTO_BLOCK_GAIN = 0.7
+#: Cost estimate of the probe at initialisation: seconds of one HVP in gradients of the probe set (the top of the
+#: measured 1.15-1.96 for a cached HVP, ``benchmarks/bench_real_models.py``).
+HVP_GRADIENTS = 2.0
+#: Cost estimate: products of a top-``k`` solve per wanted pair (top-200: 937-1,063 on digits and a ResNet CNN).
+SOLVE_HVPS_PER_K = 5
 
 
 def cheap_basis_rows(k: int) -> int:
@@ -60,6 +66,21 @@ def cheap_basis_rows(k: int) -> int:
     with the 14-28 vectors a restarted basis kept and 16 samples.
     """
     return max(4 * k, k + 40)
+
+
+def fit_batches(trainer: Any) -> float:
+    """Training batches of the whole fit on this rank (``inf`` when unbounded or unknown, e.g. ``max_epochs=-1``)."""
+    try:
+        steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # a loader without length, or a trainer without a fit loop
+        return math.inf
+    return steps * max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    """The ``batch_size`` of a plain ``DataLoader`` (``None`` for batch samplers, collections of loaders, ...)."""
+    size = getattr(loader, "batch_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def sibling_prefix(prefix: str, family: str) -> str:
@@ -107,6 +128,10 @@ class ProbeRunner:
         self.train_loader: Any = None
         #: The top eigenvalues of the first full probe (the probe at initialisation by default), CPU float64.
         self.init_eigenvalues: Tensor | None = None
+        #: What the last :meth:`run` ran: ``"full"``, ``"cheap"`` or ``None`` (the probe at initialisation skipped).
+        self.last_kind: ProbeKind | None = None
+        #: Why the last probe at initialisation did not run in full (``None`` if it did).
+        self.init_note: str | None = None
 
     # ------------------------------------------------------------------ keys
     def key(self, name: str) -> str:
@@ -140,16 +165,40 @@ class ProbeRunner:
         built += [a for a in (self.jacobian, self.condensation) if a is not None]
         return [a for a in (*built, *self.analyses) if full or not a.full_only]
 
-    def logged_keys(self, pl_module: Any = None) -> list[str]:
-        """Every scalar key this configuration can log."""
+    def logged_keys(self, pl_module: Any = None, full: bool = True) -> list[str]:
+        """Every scalar key this configuration can log (on a full probe; ``full=False``: on a cheap probe)."""
         keys = [*self.core_keys(), self.key(rp.HVPS), self.key(rp.PROBE_SECONDS)]
-        for analysis in self.built_analyses(full=True):
+        for analysis in self.built_analyses(full=full):
             keys += analysis.keys(self.config.prefix, pl_module)
         return keys
 
+    def full_only_keys(self, pl_module: Any = None) -> set[str]:
+        """Keys only a full probe logs (power law, density, Jacobian law, ...)."""
+        return set(self.logged_keys(pl_module)) - set(self.logged_keys(pl_module, full=False))
+
+    def estimated_hvps(self, full: bool, num_params: int) -> int:
+        """Products a probe is expected to spend (a cost estimate, not a budget).
+
+        Full: :data:`SOLVE_HVPS_PER_K` per top-``k`` pair, plus the SLQ density and the trace samples (digits
+        top-200: 947-1,217 measured against 1,280 estimated). Cheap: ``4 num_tracked + 8`` for the solve and its check
+        plus the trace samples (measured 59-63, estimated 64).
+        """
+        c = self.config
+        trace = c.trace_samples if c.trace else 0
+        if not full:
+            return 4 * min(c.num_tracked, num_params) + 8 + trace
+        density = c.density_probes * c.density_steps if c.density or c.near_zero else 0
+        return SOLVE_HVPS_PER_K * min(c.top_k, num_params) + density + trace
+
     # ------------------------------------------------------------------ probe
-    def run(self, trainer: Any, pl_module: Any, full: bool) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
+    def run(
+        self, trainer: Any, pl_module: Any, full: bool, init_guard: float | None = None
+    ) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
         """One probe: ``(scalars to log, TensorBoard items)``; failures become warnings and NaN (or raise).
+
+        With ``init_guard`` (the overhead guard's ``max_overhead``, for the probe at initialisation) the kind of the
+        probe is chosen from cost estimates first (:meth:`init_kind`): it may run cheap, or not at all (empty
+        scalars). :attr:`last_kind` tells what ran.
 
         While it runs, the trainer's progress bar shows its HVP count (:class:`ProbeProgress`); an INFO line reports
         each probe with ``verbose=True``, else only probes slower than :data:`SLOW_PROBE_SECONDS`.
@@ -163,7 +212,7 @@ class ProbeRunner:
         snapshot = ModuleSnapshot(pl_module)
         try:
             with rank_zero_buffers(pl_module, pl_module.device):
-                return self._reported(trainer, pl_module, full)
+                return self._reported(trainer, pl_module, full, init_guard)
         finally:
             lost = snapshot.restore()
             if lost and not self._warned_state:
@@ -174,7 +223,9 @@ class ProbeRunner:
                 )
                 self._warned_state = True
 
-    def _reported(self, trainer: Any, pl_module: Any, full: bool) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
+    def _reported(
+        self, trainer: Any, pl_module: Any, full: bool, init_guard: float | None = None
+    ) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
         """:meth:`_run` with the progress bar and the console lines."""
         kind = "full" if full else "cheap"
         label = f"HessianSpectrum[{self.config.prefix}] epoch {trainer.current_epoch}"
@@ -183,9 +234,12 @@ class ProbeRunner:
         progress = ProbeProgress(trainer, f"{self.config.prefix} {kind} probe")
         start = time.perf_counter()
         try:
-            scalars, items = self._run(trainer, pl_module, full, label, progress)
+            scalars, items = self._run(trainer, pl_module, full, label, progress, init_guard)
         finally:
             progress.close()
+        if self.last_kind is None:
+            return scalars, items
+        kind = self.last_kind
         seconds = scalars.get(self.key(rp.PROBE_SECONDS), time.perf_counter() - start)
         hvps = int(scalars.get(self.key(rp.HVPS), 0))
         if self.config.verbose or seconds > SLOW_PROBE_SECONDS:
@@ -194,15 +248,31 @@ class ProbeRunner:
         return scalars, items
 
     def _run(
-        self, trainer: Any, pl_module: Any, full: bool, label: str, progress: ProbeProgress
+        self,
+        trainer: Any,
+        pl_module: Any,
+        full: bool,
+        label: str,
+        progress: ProbeProgress,
+        init_guard: float | None = None,
     ) -> tuple[dict[str, float], list[rp.TensorBoardItem]]:
         start = time.perf_counter()
         scalars: dict[str, float] = {}
         items: list[rp.TensorBoardItem] = []
-        analyses = self.built_analyses(full)
         device = pl_module.device
+        self.last_kind = "full" if full else "cheap"
 
         ctx, error = run_stage(lambda: self._prepare(trainer, pl_module, full, label, on_hvp=progress.update), device)
+        if ctx is not None and init_guard is not None and full:
+            kind, failed = run_stage(lambda: self.init_kind(trainer, ctx, init_guard, label), device)
+            if failed is None and self.init_note:
+                rank_zero_warn(self.init_note)
+            if kind is None and failed is None:  # not even a cheap probe fits the guard
+                self.last_kind = None
+                return scalars, items
+            full = ctx.full = kind != "cheap"  # a failed estimate leaves the probe as configured (it fails there)
+            self.last_kind = "full" if full else "cheap"
+        analyses = self.built_analyses(full)
         if ctx is None:
             groups = [self.core_keys(), *(a.keys(self.config.prefix, pl_module) for a in analyses)]
             self._fail("the probe could not start", error, groups, scalars)
@@ -336,6 +406,39 @@ class ProbeRunner:
         if not bool(torch.isfinite(result.eigenvalues).all()):
             raise ProbeFailure("non-finite eigenvalues")
         return result
+
+    def init_kind(self, trainer: Any, ctx: ProbeContext, max_overhead: float, label: str) -> ProbeKind | None:
+        """Kind of the probe at initialisation under the overhead guard, from one timed gradient of the probe set.
+
+        Estimates (rank 0's, broadcast): a training step costs the gradient's seconds times ``batch / probe samples``
+        (the train loader's ``batch_size``, else the probe batches' mean size), the fit
+        :func:`fit_batches` such steps, a probe :meth:`estimated_hvps` products of :data:`HVP_GRADIENTS` gradients
+        each; then :func:`~lightning_hessian.callback.schedule.plan_init_probe`. A probe that does not run in full
+        gets one warning with the figures (:attr:`init_note`, issued by the caller outside the stage).
+        """
+        op = ctx.operator
+        tick = time.perf_counter()
+        op.gradient()
+        grad_s = time.perf_counter() - tick
+        local = max(op.local_samples, 1)
+        batch = _loader_batch_size(self.train_loader) or local / max(len(ctx.batches), 1)
+        steps = fit_batches(trainer)
+        fit_s = grad_s * batch / local * steps if math.isfinite(steps) else math.inf
+        full_hvps, cheap_hvps = self.estimated_hvps(True, op.num_params), self.estimated_hvps(False, op.num_params)
+        full_s, cheap_s = HVP_GRADIENTS * grad_s * full_hvps, HVP_GRADIENTS * grad_s * cheap_hvps
+        kind = plan_init_probe(full_s, cheap_s, fit_s, max_overhead, free_seconds=INIT_FREE_SECONDS)
+        kind, full_s, cheap_s, fit_s = broadcast_object((kind, full_s, cheap_s, fit_s), device=op.device)
+        self.init_note = None
+        if kind != "full":
+            what = "runs as a cheap probe" if kind == "cheap" else "is skipped"
+            self.init_note = (
+                f"{label}: the probe at initialisation {what}: a full probe (about {full_hvps:,} HVPs) is estimated at "
+                f"{full_s:,.0f} s and a cheap one at {cheap_s:,.0f} s, against max_overhead={max_overhead} x the "
+                f"fit's estimated {fit_s:,.0f} s of training ({steps:,.0f} steps). The full-probe keys come with the "
+                "first full probe the guard allows. Set max_overhead=None for the exact schedule, or monitor a "
+                "full-probe key with EarlyStopping to keep the full probe at initialisation."
+            )
+        return kind
 
     def choose_block_size(self, ctx: ProbeContext, k: int) -> int:
         """Block size of the solver: ``block_size`` if configured, else chosen once from timed products (cached).

@@ -17,9 +17,50 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["ProbeKind", "ProbeSchedule"]
+__all__ = ["INIT_FREE_SECONDS", "ProbeKind", "ProbeSchedule", "plan_init_probe"]
 
 ProbeKind = Literal["full", "cheap"]
+
+#: Under the overhead guard, a probe at initialisation estimated at most this many seconds always runs in full.
+INIT_FREE_SECONDS = 60.0
+
+
+def plan_init_probe(
+    full_seconds: float,
+    cheap_seconds: float,
+    fit_seconds: float,
+    max_overhead: float,
+    free_seconds: float = INIT_FREE_SECONDS,
+) -> ProbeKind | None:
+    """Kind of the probe at initialisation under the overhead guard, from estimates taken before any training.
+
+    The probe may take ``allowed = max(free_seconds, max_overhead * fit_seconds)``: it runs in full when
+    ``full_seconds <= allowed``, as a cheap probe when ``cheap_seconds <= allowed``, else not at all. A fit of unknown
+    length (``fit_seconds = inf``) allows the full probe.
+
+    Args:
+        full_seconds: estimated seconds of a full probe.
+        cheap_seconds: estimated seconds of a cheap probe.
+        fit_seconds: estimated training seconds of the whole fit (``inf`` if unbounded or unknown).
+        max_overhead: the guard's share of the training time.
+        free_seconds: a probe at most this long always runs.
+
+    Returns:
+        ``"full"``, ``"cheap"`` or ``None`` (skip the probe at initialisation).
+
+    Example::
+
+        >>> plan_init_probe(900.0, 45.0, 4_300.0, 0.2)
+        'cheap'
+        >>> plan_init_probe(900.0, 45.0, 10_000.0, 0.2)
+        'full'
+        >>> plan_init_probe(1_800.0, 90.0, 4.0, 0.2) is None
+        True
+    """
+    allowed = max(free_seconds, max_overhead * fit_seconds)
+    if full_seconds <= allowed:
+        return "full"
+    return "cheap" if cheap_seconds <= allowed else None
 
 
 @dataclass

@@ -7,7 +7,8 @@ One *probe* evaluates the Hessian :math:`H = \nabla^2 L(\theta)` of the probe lo
 ``EarlyStopping``/``ModelCheckpoint`` see them in the same epoch) plus TensorBoard extras on rank 0
 (:mod:`lightning_hessian.callback.reporting`). The callback is glue: the math lives in the solver modules.
 
-Schedule. With ``probe_at_init`` (default) a *full* probe runs at fit start, before any optimizer step. A *cheap*
+Schedule. With ``probe_at_init`` (default) a *full* probe runs at fit start, before any optimizer step (the
+overhead guard makes it cheap, or skips it, when its estimated cost exceeds the fit's budget). A *cheap*
 probe (warm-started Lanczos for the top ``num_tracked`` eigenpairs: ``lambda_max``, the spectral gap, the subspace
 overlap, and the Ritz-deflated trace) runs on every ``every_n_epochs``-th call of the hook; every
 ``powerlaw_every_n_epochs // every_n_epochs``-th probe, counting the probe at init as the first (else the first epoch
@@ -62,7 +63,7 @@ from typing_extensions import override
 
 from lightning_hessian.callback.analyses import Analysis
 from lightning_hessian.callback.config import HessianConfigError, ProbeConfig
-from lightning_hessian.callback.monitors import check_monitors
+from lightning_hessian.callback.monitors import check_monitors, monitored_keys
 from lightning_hessian.callback.probe import isolated_rng
 from lightning_hessian.callback.publish import fill_monitors, publish, write_dashboard_layout
 from lightning_hessian.callback.runner import ProbeRunner
@@ -131,8 +132,12 @@ class HessianSpectrum(Callback):
             between the hooks), so probing costs at most about ``max_overhead / (1 + max_overhead)`` of the fit (20%
             at 0.25) whatever the data set size; a full probe that falls due waits for the budget. The decision is
             taken by the slowest rank. Default 0.2: probes stay near 1/6 of the fit on any data size (plus the fixed
-            cost of ``probe_at_init`` and of the first epoch probe). ``None`` probes exactly on schedule (cost-blind,
-            reproducible epochs).
+            cost of the first epoch probe). The probe at initialisation, before any training time exists, is
+            planned from estimates instead (one timed gradient of the probe set: a step costs its share of it, an
+            HVP 2 gradients, a probe its expected HVPs): it runs in full if that fits ``max_overhead`` x the fit's
+            estimated training time or a minute, else cheap, else not at all (one warning with the figures), unless
+            an ``EarlyStopping``/``ModelCheckpoint`` monitors a full-probe key. ``None`` probes exactly on schedule
+            (cost-blind, reproducible epochs).
         jacobian: on full probes, log the free-probability prediction of the input-output Jacobian law (Chhaibi,
             Daouda & Kahn 2022) of the module's MLP with its actual weights: ``jacobian/fpt_q10`` ...
             ``jacobian/fpt_q90`` (quantiles of the law's non-zero part), ``jacobian/atom_at_zero``,
@@ -156,7 +161,8 @@ class HessianSpectrum(Callback):
         probe_at_init: run a full probe at fit start (``on_train_start``), before any optimizer step, logged at step
             0: the random-init control of Xie et al. (2022) and the network the free-probability law describes. It
             is the schedule's first full probe (the epoch-0 probe is then cheap), its time counts for the overhead
-            guard, and it is not repeated when a fit resumes from a checkpoint.
+            guard, which may shrink it (see ``max_overhead``), and it is not repeated when a fit resumes from a
+            checkpoint.
         batch_size_fn: ``batch -> int``, the number of samples in a probe batch (weights of the per-sample mean);
             ``None`` takes the length of the first tensor found in the batch.
         max_basis_bytes: memory budget of the Lanczos basis (``None``: the solver's default, 25% of the free memory,
@@ -311,14 +317,24 @@ class HessianSpectrum(Callback):
     def _probe_at_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run a full probe before any optimizer step and write it to the loggers at step 0.
 
+        Under the overhead guard the probe may run cheap or be skipped when its estimated cost exceeds
+        ``max_overhead`` times the fit's estimated training time (and a minute), unless a monitor
+        (``EarlyStopping``, ``ModelCheckpoint``) watches a full-probe key, which must exist from the first epoch on.
+        Either way it counts as the schedule's first full probe, so the epoch-0 probe stays cheap.
+
         Not through ``pl_module.log``: a value logged in ``on_train_start`` reaches the loggers only at the end of
         epoch 0, where the epoch-0 probe's value of the same key replaces it.
         """
         start = time.perf_counter()
+        guard = self.max_overhead
+        if guard is not None and monitored_keys(trainer) & self._runner.full_only_keys(pl_module):
+            guard = None
         with isolated_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
-            scalars, items = self._runner.run(trainer, pl_module, True)
-        publish(trainer, pl_module, scalars, items, step=0, tensorboard=self.tensorboard)
-        self.history.append({"epoch": 0, "full": True, "init": True, "metrics": dict(scalars)})
+            scalars, items = self._runner.run(trainer, pl_module, True, init_guard=guard)
+        kind = self._runner.last_kind
+        if kind is not None:
+            publish(trainer, pl_module, scalars, items, step=0, tensorboard=self.tensorboard)
+            self.history.append({"epoch": 0, "full": kind == "full", "init": True, "metrics": dict(scalars)})
         self._schedule.commit_init(time.perf_counter() - start)
 
     @override
