@@ -378,7 +378,8 @@ def print_fit_overhead(rows: list[dict[str, float]], width: int = 16) -> None:
     print(
         f"\nfit overhead, ResNetCNN(width={width}) {r['params']:,} params, HVP strategy {r['strategy']}: MEASURED step "
         f"{r['step_s']:.4f} s (32 images), HVP {r['hvp_s']:.3f} s (512 probe images) = {r['hvp_s'] / r['step_s']:.0f} "
-        f"steps, probe-set gradient {r['grad_s']:.3f} s (the callback's estimate for the probe at init); EXTRAPOLATED (50,000 samples per epoch): epoch {r['epoch_s']:.0f} s, "
+        f"steps, probe-set gradient {r['grad_s']:.3f} s (the callback's estimate for the probe at init); "
+        f"EXTRAPOLATED (50,000 samples per epoch): epoch {r['epoch_s']:.0f} s, "
         f"cheap probe {r['cheap_s']:.0f} s, full probe {r['full_s']:.0f} s"
     )
     print("\n| epochs | max_overhead | probe at init | probe share of the fit | full probes | cheap probes | skipped |")
