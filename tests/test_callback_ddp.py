@@ -112,3 +112,22 @@ def test_probe_failing_on_one_rank_does_not_hang():
     assert trainer.state.status == "finished"  # training went on: both ranks took the failure path together
     assert math.isnan(float(trainer.callback_metrics["hessian/lambda_max"]))
     assert float(trainer.callback_metrics["hessian/hvps"]) == 0.0
+
+
+def test_probe_at_init_plan_is_rank_zeros_on_every_rank(monkeypatch):
+    from lightning_hessian.callback import runner
+
+    # rank 0 sees an endless fit (a full probe fits the guard), rank 1 a one-step fit (not even a cheap probe fits):
+    # every rank must run rank 0's plan, or rank 0's collectives would wait for a rank that returned (a hang)
+    monkeypatch.setattr(runner, "INIT_FREE_SECONDS", 0.0)
+    monkeypatch.setattr(runner, "fit_batches", lambda trainer: 1e12 if trainer.global_rank == 0 else 1.0)
+    torch.manual_seed(0)
+    cb = HessianSpectrum(
+        top_k=8, probe_samples=64, dtype="float64", num_tracked=3, trace_samples=4, density=False, max_overhead=0.2
+    )
+    ddp = _trainer(2, [cb])
+    ddp.fit(Net(), DataLoader(_data(), batch_size=4))
+    assert ddp.state.status == "finished"
+    # the full probe ran at init: its power-law keys stand in at epoch 0 (the epoch-0 probe is cheap)
+    assert math.isfinite(float(ddp.callback_metrics["hessian/ks_distance"]))
+    assert math.isfinite(float(ddp.callback_metrics["hessian/lambda_max"]))
