@@ -669,6 +669,19 @@ def test_overhead_guard_shrinks_the_probe_at_init_from_estimates(tmp_path, monke
     assert not [w for w in caught if "probe at initialisation" in str(w.message)]
 
 
+def test_monitored_keys_cover_early_stopping_checkpoints_and_lr_schedulers():
+    from types import SimpleNamespace
+
+    from lightning_hessian.callback.monitors import monitored_keys
+
+    fake = SimpleNamespace(
+        callbacks=[EarlyStopping(monitor="hessian/ks_distance"), ModelCheckpoint(monitor="val_loss")],
+        lr_scheduler_configs=[SimpleNamespace(monitor="hessian/trace"), SimpleNamespace(monitor=None)],
+    )
+    fake.callbacks.append(ModelCheckpoint())  # no monitor
+    assert monitored_keys(fake) == {"hessian/ks_distance", "val_loss", "hessian/trace"}
+
+
 def test_plan_init_probe_rule():
     from lightning_hessian.callback.schedule import plan_init_probe
 

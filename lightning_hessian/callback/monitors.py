@@ -12,12 +12,16 @@ __all__ = ["check_monitors", "monitored_keys"]
 
 
 def monitored_keys(trainer: pl.Trainer) -> set[str]:
-    """Keys that the trainer's ``EarlyStopping`` and ``ModelCheckpoint`` callbacks monitor."""
-    return {
+    """Keys that the trainer's ``EarlyStopping`` and ``ModelCheckpoint`` callbacks and LR schedulers monitor."""
+    keys = {
         str(callback.monitor)
         for callback in trainer.callbacks
         if isinstance(callback, (EarlyStopping, ModelCheckpoint)) and callback.monitor is not None
     }
+    for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+        if getattr(config, "monitor", None):
+            keys.add(str(config.monitor))
+    return keys
 
 
 def check_monitors(trainer: pl.Trainer, prefix: str, when: str, every_n_epochs: int, known: Iterable[str]) -> None:

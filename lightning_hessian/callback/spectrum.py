@@ -136,8 +136,8 @@ class HessianSpectrum(Callback):
             planned from estimates instead (one timed gradient of the probe set: a step costs its share of it, an
             HVP 2 gradients, a probe its expected HVPs): it runs in full if that fits ``max_overhead`` x the fit's
             estimated training time or a minute, else cheap, else not at all (one warning with the figures), unless
-            an ``EarlyStopping``/``ModelCheckpoint`` monitors a full-probe key. ``None`` probes exactly on schedule
-            (cost-blind, reproducible epochs).
+            an ``EarlyStopping``, a ``ModelCheckpoint`` or an LR scheduler monitors a full-probe key. ``None``
+            probes exactly on schedule (cost-blind, reproducible epochs).
         jacobian: on full probes, log the free-probability prediction of the input-output Jacobian law (Chhaibi,
             Daouda & Kahn 2022) of the module's MLP with its actual weights: ``jacobian/fpt_q10`` ...
             ``jacobian/fpt_q90`` (quantiles of the law's non-zero part), ``jacobian/atom_at_zero``,
@@ -318,8 +318,8 @@ class HessianSpectrum(Callback):
         """Run a full probe before any optimizer step and write it to the loggers at step 0.
 
         Under the overhead guard the probe may run cheap or be skipped when its estimated cost exceeds
-        ``max_overhead`` times the fit's estimated training time (and a minute), unless a monitor
-        (``EarlyStopping``, ``ModelCheckpoint``) watches a full-probe key, which must exist from the first epoch on.
+        ``max_overhead`` times the fit's estimated training time (and a minute), unless a monitor (``EarlyStopping``,
+        ``ModelCheckpoint``, an LR scheduler) watches a full-probe key, which must exist from the first epoch on.
         Either way it counts as the schedule's first full probe, so the epoch-0 probe stays cheap.
 
         Not through ``pl_module.log``: a value logged in ``on_train_start`` reaches the loggers only at the end of
