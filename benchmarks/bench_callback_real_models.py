@@ -69,8 +69,8 @@ def data(name: str) -> TensorDataset:
     return TensorDataset(tokens[:, :-1], tokens[:, 1:])
 
 
-def fit(name: str, epochs: int, with_callback: bool) -> tuple[float, HessianSpectrum | None, int]:
-    """Fit seconds, the callback, and the size of the last checkpoint in bytes."""
+def fit(name: str, epochs: int, with_callback: bool) -> tuple[float, HessianSpectrum | None, int, int]:
+    """Fit seconds, the callback, the size of the last checkpoint in bytes, and the model's parameter count."""
     pl.seed_everything(0, verbose=False)
     model = ResNetModule() if name == "resnet" else TransformerModule()
     spectrum = HessianSpectrum() if with_callback else None
@@ -89,7 +89,7 @@ def fit(name: str, epochs: int, with_callback: bool) -> tuple[float, HessianSpec
     trainer.fit(model, DataLoader(data(name), batch_size=32, shuffle=True))
     seconds = time.perf_counter() - start
     sizes = [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files if f.endswith(".ckpt")]
-    return seconds, spectrum, max(sizes, default=0)
+    return seconds, spectrum, max(sizes, default=0), sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -104,11 +104,10 @@ def main() -> None:
     print("| model | params | fit s without | fit s with | ratio | probe at init | probes (kind HVPs s) | ckpt MB |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        plain_s, _, plain_ckpt = fit(name, args.epochs, False)
-        with_s, spectrum, ckpt = fit(name, args.epochs, True)
+        plain_s, _, plain_ckpt, _ = fit(name, args.epochs, False)
+        with_s, spectrum, ckpt, params = fit(name, args.epochs, True)
         assert spectrum is not None
         runner = spectrum._runner
-        params = sum(p.numel() for p in (ResNetModule() if name == "resnet" else TransformerModule()).parameters())
         init = [h for h in spectrum.history if h.get("init")]
         init_kind = ("full" if init[0]["full"] else "cheap") if init else "skipped"
         probes = ", ".join(
